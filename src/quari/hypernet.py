@@ -1,0 +1,293 @@
+"""The QuARI hypernetwork: a query embedding in, a query-specific low-rank map out.
+
+A transformer reads one *control token* (the encoded query) and two banks of ``rank`` tokens,
+refines the banks over ``num_steps`` residual steps, and decodes them into the columns of two
+E×r factors ``U`` (writes the output space) and ``V`` (reads the input space). The control
+token is decoded into the adapted query q′. See ``docs/DESIGN.md`` ("The math") and the paper
+spec, PAPER.md §2.
+
+Two variants share the module:
+
+``"paper"`` (the default) follows the paper: T = U Vᵀ (pure rank r), q′ = normalize(MLP(ctx)),
+a learned step embedding, decoders with LayerNorm. The token banks start at zero as in the paper
+but the whole sequence [ctx; U; V] gets sinusoidal positions 0..2r, so that the U and V banks
+receive different inputs and do not stay identical (PAPER.md §2.2, A10 — with shared positions
+the permutation-equivariant transformer updates both banks identically).
+
+``"reference"`` reproduces the released checkpoints of the reference implementation
+(PAPER.md §2.2, §8): T = I + α Û V̂ᵀ with Frobenius-normalised factors, q′ = normalize((1−λ)
+MLP(ctx) + λq), a sinusoidal step code through an MLP, shared positions pe[0:r] on both banks,
+and 5 % token dropout while training. Load such checkpoints with
+:func:`quari.checkpoint.load_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quari.adaptation import Adaptation
+from quari.validation import QuARIInputError, as_embeddings
+
+__all__ = ["HyperNetConfig", "QuARIModel"]
+
+Variant = Literal["paper", "reference"]
+
+# Per-variant defaults for the fields left as None in HyperNetConfig.
+_VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
+    "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0},
+    "reference": {"query_residual_weight": 0.5, "token_dropout": 0.05, "anchor_scale": 0.8},
+}
+
+
+@dataclass(frozen=True)
+class HyperNetConfig:
+    """Shape and behaviour of a :class:`QuARIModel`.
+
+    Args:
+        embedding_dim: E, the backbone embedding size (768 for CLIP ViT-L, 1024 for SigLIP2-L …).
+        rank: r, the rank of the low-rank part of T (paper: 64).
+        hidden_dim: H, the transformer width (reference code: 512).
+        num_layers: Transformer encoder layers (paper: 4).
+        num_heads: Attention heads; must divide ``hidden_dim``.
+        num_steps: Refinement steps L (reference code: 4; 1 = the "w/o iterative" ablation).
+        dropout: Dropout inside the encoder, transformer and decoders (training only).
+        variant: ``"paper"`` or ``"reference"`` (see the module docstring).
+        anchor_scale: α in T = I + α Û V̂ᵀ. Reference variant only (default 0.8); the paper
+            variant is pure low rank and rejects a value here.
+        query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q). Defaults: paper 0.0,
+            reference 0.5.
+        token_dropout: Probability of zeroing a whole U/V token after each step while training.
+            Defaults: paper 0.0, reference 0.05.
+        normalize_factors: Reference variant: divide U and V by their Frobenius norms
+            (``use_fro_norm`` in the reference code).
+
+    Example:
+        >>> cfg = HyperNetConfig(embedding_dim=768)
+        >>> cfg.rank, cfg.query_residual_weight
+        (64, 0.0)
+    """
+
+    embedding_dim: int
+    rank: int = 64
+    hidden_dim: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_steps: int = 4
+    dropout: float = 0.0
+    variant: Variant = "paper"
+    anchor_scale: float | None = None
+    query_residual_weight: float | None = None
+    token_dropout: float | None = None
+    normalize_factors: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in _VARIANT_DEFAULTS:
+            raise QuARIInputError(f"variant must be 'paper' or 'reference', got {self.variant!r}")
+        for name in ("embedding_dim", "rank", "hidden_dim", "num_layers", "num_heads", "num_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuARIInputError(f"{name} must be a positive integer, got {value!r}")
+        if self.rank > self.embedding_dim:
+            raise QuARIInputError(
+                f"rank ({self.rank}) cannot exceed embedding_dim ({self.embedding_dim})"
+            )
+        if self.hidden_dim % self.num_heads:
+            raise QuARIInputError(
+                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.hidden_dim % 2:
+            raise QuARIInputError(
+                f"hidden_dim must be even (sinusoidal codes), got {self.hidden_dim}"
+            )
+        if self.variant == "paper" and self.anchor_scale not in (None, 0, 0.0):
+            raise QuARIInputError(
+                "anchor_scale applies to the reference variant only (the paper's T is pure "
+                f"low rank); got anchor_scale={self.anchor_scale} with variant='paper'"
+            )
+        for name, value in _VARIANT_DEFAULTS[self.variant].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("dropout", "token_dropout", "query_residual_weight"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
+                raise QuARIInputError(f"{name} must lie in [0, 1), got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HyperNetConfig:
+        """Builds a config from :meth:`to_dict` output, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QuARIInputError(
+                f"unknown HyperNetConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """Transformer positional codes: row p holds sin/cos of p·10000^(−2i/dim), interleaved."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
+def step_code(step: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Diffusion-style code of step t: [cos(t·f_i) ; sin(t·f_i)], f_i = P^(−i/(dim/2))."""
+    half = dim // 2
+    freq = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    angle = step * freq
+    return torch.cat([torch.cos(angle), torch.sin(angle)])
+
+
+def _mlp(width: int, out_dim: int, dropout: float, layer_norm: bool) -> nn.Sequential:
+    """Two-layer decoder: Linear → [LayerNorm] → GELU → Dropout → Linear."""
+    mid: list[nn.Module] = [nn.LayerNorm(width)] if layer_norm else []
+    return nn.Sequential(
+        nn.Linear(width, width), *mid, nn.GELU(), nn.Dropout(dropout), nn.Linear(width, out_dim)
+    )
+
+
+class QuARIModel(nn.Module):
+    """The QuARI hypernetwork H_θ: q ↦ (q′, T) with T of rank ``config.rank`` (plus I).
+
+    Args:
+        config: The architecture; see :class:`HyperNetConfig`.
+
+    Example:
+        >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+        ...                                   num_layers=1, num_heads=2, num_steps=2)).eval()
+        >>> with torch.inference_mode():
+        ...     adaptation = model(torch.randn(3, 32))
+        >>> adaptation.U.shape
+        torch.Size([3, 32, 4])
+    """
+
+    def __init__(self, config: HyperNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        #: Free-form facts saved with the model (encoder id, training data, metrics).
+        self.metadata: dict[str, Any] = {}
+        E, H, r = config.embedding_dim, config.hidden_dim, config.rank
+        paper = config.variant == "paper"
+
+        self.query_encoder = nn.Sequential(
+            nn.Linear(E, H),
+            nn.LayerNorm(H),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(H, H),
+            nn.LayerNorm(H),
+        )
+        if paper:
+            self.step_embedding = nn.Embedding(config.num_steps, H)
+            nn.init.normal_(self.step_embedding.weight, std=0.02)
+        else:
+            self.step_mlp = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, H))
+            self.register_buffer("position_scale", torch.ones(1))
+        self.register_buffer("positions", sinusoidal_table(2 * r + 1, H))
+
+        layer = nn.TransformerEncoderLayer(
+            d_model=H,
+            nhead=config.num_heads,
+            dim_feedforward=4 * H,
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.transformer = nn.TransformerEncoder(
+            layer, config.num_layers, enable_nested_tensor=False
+        )
+        self.query_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+        # u: output-side columns of T, v: input-side columns (T d = U Vᵀ d).
+        self.u_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+        self.v_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.config.embedding_dim
+
+    def _step_vector(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        if self.config.variant == "paper":
+            return self.step_embedding.weight[step]
+        code = step_code(step, self.config.hidden_dim).to(like)
+        return self.step_mlp(code)
+
+    def _bank_positions(self) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
+        """Positional codes added to (control token, U bank, V bank)."""
+        r = self.config.rank
+        if self.config.variant == "paper":
+            return self.positions[0], self.positions[1 : r + 1], self.positions[r + 1 :]
+        shared = self.position_scale * self.positions[:r]
+        return 0.0, shared, shared
+
+    def forward(self, queries: torch.Tensor, *, normalize: bool = True) -> Adaptation:
+        """Predicts the adapted query and the low-rank map for every query in the batch.
+
+        Args:
+            queries: (B, E) query embeddings (text or image tower of the same backbone).
+            normalize: L2-normalise the queries first (the default; non-unit inputs are
+                accepted and normalised). Training passes ``False`` after adding query noise,
+                which is applied to unit embeddings and deliberately not re-normalised.
+
+        Returns:
+            An :class:`~quari.adaptation.Adaptation` holding q′ (B, E) and the factors U, V
+            (B, E, r) — never an E×E matrix.
+
+        Raises:
+            QuARIInputError: wrong dimension, empty batch, NaN or Inf.
+        """
+        cfg = self.config
+        ref = next(self.parameters())
+        q = as_embeddings(
+            queries,
+            cfg.embedding_dim,
+            "queries",
+            normalize=normalize,
+            dtype=ref.dtype,
+            device=ref.device,
+        )
+        B, r = q.shape[0], cfg.rank
+        ctx = self.query_encoder(q)
+        u = ctx.new_zeros(B, r, cfg.hidden_dim)
+        v = ctx.new_zeros(B, r, cfg.hidden_dim)
+        pos_ctx, pos_u, pos_v = self._bank_positions()
+        keep = 1.0 - cfg.token_dropout
+        for step in range(cfg.num_steps):
+            control = ctx + self._step_vector(step, ctx) + pos_ctx
+            seq = torch.cat([control[:, None], u + pos_u, v + pos_v], dim=1)
+            out = self.transformer(seq)
+            ctx = ctx + out[:, 0]
+            u = u + out[:, 1 : r + 1]
+            v = v + out[:, r + 1 :]
+            if self.training and cfg.token_dropout > 0:
+                u = u * (torch.rand(B, r, 1, device=u.device) < keep).to(u.dtype)
+                v = v * (torch.rand(B, r, 1, device=v.device) < keep).to(v.dtype)
+
+        lam = cfg.query_residual_weight
+        refined = self.query_decoder(ctx)
+        if lam:
+            refined = (1.0 - lam) * refined + lam * q
+        refined = F.normalize(refined, dim=-1)
+        U = self.u_decoder(u).transpose(1, 2)  # (B, E, r)
+        V = self.v_decoder(v).transpose(1, 2)
+        if cfg.variant == "paper":
+            return Adaptation(refined, U, V)
+        if cfg.normalize_factors:
+            # Same epsilon as the reference implementation, so released weights match exactly.
+            U = U / (torch.linalg.matrix_norm(U)[:, None, None] + 1e-8)
+            V = V / (torch.linalg.matrix_norm(V)[:, None, None] + 1e-8)
+        return Adaptation(refined, U, V, variant="reference", anchor_scale=cfg.anchor_scale)

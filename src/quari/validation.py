@@ -1,0 +1,131 @@
+"""Input checks shared by the model, the scoring code and the stores.
+
+Every public entry point that takes embeddings runs them through :func:`as_embeddings`, so a
+wrong dimension, a NaN or an empty batch fails the same way everywhere: with a
+:class:`QuARIInputError` whose message names the argument, what was expected and what came in.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["QuARIInputError", "as_embeddings", "check_k", "nonfinite_rows"]
+
+
+class QuARIInputError(ValueError):
+    """Raised when an argument has the wrong shape, dimension, dtype or values."""
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """Turns a numpy array (memmaps included) or a tensor into a tensor without copying data.
+
+    Args:
+        x: A ``torch.Tensor`` or anything ``np.asarray`` accepts.
+        name: The argument's name, used in error messages.
+
+    Returns:
+        A tensor sharing memory with ``x`` where possible.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    arr = np.asarray(x)
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise QuARIInputError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
+    if not arr.flags.writeable:
+        # torch warns on read-only buffers (memmaps opened "r"); nothing here writes through them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def as_embeddings(
+    x: Any,
+    dim: int,
+    name: str,
+    *,
+    ndim: int | tuple[int, ...] = 2,
+    normalize: bool = False,
+    dtype: torch.dtype | None = torch.float32,
+    device: torch.device | str | None = None,
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Validates a batch of embeddings and returns it as a floating tensor.
+
+    Args:
+        x: Array or tensor whose last axis holds the embedding.
+        dim: Required size of the last axis.
+        name: Argument name for error messages (e.g. ``"queries"``).
+        ndim: Allowed number of axes (an int or a tuple of ints).
+        normalize: L2-normalise along the last axis (zero rows stay zero).
+        dtype: Floating dtype to convert to, or ``None`` to keep a floating input's dtype.
+        device: Device to move to (``None`` keeps the input's device).
+        allow_empty: Accept a leading axis of length zero.
+
+    Returns:
+        The checked tensor.
+
+    Raises:
+        QuARIInputError: on a wrong number of axes, a wrong last-axis size, an empty batch,
+            a non-floating dtype or any NaN/Inf value (the message names the first bad row).
+
+    Example:
+        >>> q = as_embeddings(np.ones((2, 4)), 4, "queries", normalize=True)
+        >>> q.norm(dim=-1)
+        tensor([1., 1.])
+    """
+    t = as_tensor(x, name)
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if t.ndim not in allowed:
+        want = " or ".join(f"{n}-D" for n in allowed)
+        raise QuARIInputError(
+            f"{name}: expected a {want} array with last axis {dim}, got shape {tuple(t.shape)}"
+        )
+    if t.shape[-1] != dim:
+        raise QuARIInputError(
+            f"{name}: expected embedding dimension {dim}, got {t.shape[-1]} "
+            f"(shape {tuple(t.shape)})"
+        )
+    if t.shape[0] == 0 and not allow_empty:
+        raise QuARIInputError(
+            f"{name}: empty batch (shape {tuple(t.shape)}); pass at least one row"
+        )
+    if not t.is_floating_point():
+        if dtype is None:
+            raise QuARIInputError(f"{name}: expected a floating dtype, got {t.dtype}")
+        t = t.to(dtype)
+    if device is not None or dtype is not None:
+        t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
+    bad = nonfinite_rows(t.reshape(-1, dim))
+    if bad.numel():
+        first = int(bad[0])
+        where = np.unravel_index(first, tuple(t.shape[:-1]))
+        where_s = ", ".join(str(int(i)) for i in where)
+        raise QuARIInputError(
+            f"{name}: row [{where_s}] contains NaN or Inf ({bad.numel()} bad row(s) in all)"
+        )
+    if normalize:
+        t = torch.nn.functional.normalize(t, dim=-1)
+    return t
+
+
+def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows of a 2-D tensor that hold any NaN or Inf."""
+    return torch.nonzero(~torch.isfinite(x).all(dim=-1)).flatten()
+
+
+def check_k(k: Any) -> int:
+    """Validates a result count ``k`` and returns it as an int.
+
+    Raises:
+        QuARIInputError: if ``k`` is not a positive integer.
+    """
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise QuARIInputError(f"k must be a positive integer, got {k!r}")
+    return int(k)

@@ -1,0 +1,190 @@
+"""Adaptation: every scoring path against the dense E×E oracle."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quari import Adaptation, QuARIInputError
+
+from helpers import assert_topk_matches, dense_scores, random_adaptation
+
+VARIANTS = ["paper", "reference"]
+DTYPES = {
+    "float16": (torch.float16, 2e-5),
+    "bfloat16": (torch.bfloat16, 2e-5),
+    "float32": (torch.float32, 2e-5),
+    "float64": (torch.float64, 2e-5),
+}
+
+
+@st.composite
+def problems(draw):
+    """A random adaptation plus a gallery in a random dtype (values exactly representable)."""
+    variant = draw(st.sampled_from(VARIANTS))
+    E = draw(st.integers(2, 40))
+    r = draw(st.integers(1, min(E, 12)))
+    B = draw(st.integers(1, 4))
+    N = draw(st.integers(1, 70))
+    dtype_name = draw(st.sampled_from(sorted(DTYPES)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1e-3, 1.0, 30.0]))
+    ad = random_adaptation(B, E, r, variant, seed=seed, scale=scale)
+    g = torch.Generator().manual_seed(seed + 1)
+    norms = torch.rand(N, 1, generator=g) * 2 + 0.1  # non-unit rows: scores must not care
+    gallery = torch.nn.functional.normalize(torch.randn(N, E, generator=g), dim=-1) * norms
+    gallery = gallery.to(DTYPES[dtype_name][0])
+    return ad, gallery, DTYPES[dtype_name][1]
+
+
+@settings(max_examples=120, deadline=None)
+@given(problems())
+def test_score_matches_dense_oracle(problem):
+    ad, gallery, atol = problem
+    oracle = dense_scores(ad, gallery)
+    np.testing.assert_allclose(ad.score(gallery).numpy(), oracle, atol=atol, rtol=0)
+    # Per-query candidate form: each query gets its own (here: reversed) copy of the gallery.
+    per_query = gallery.flip(0).expand(len(ad), *gallery.shape)
+    np.testing.assert_allclose(
+        ad.score(per_query).numpy(), dense_scores(ad, per_query), atol=atol, rtol=0
+    )
+
+
+@settings(max_examples=120, deadline=None)
+@given(problems(), st.data())
+def test_scan_matches_dense_topk_for_any_chunking(problem, data):
+    ad, gallery, atol = problem
+    N = gallery.shape[0]
+    k = data.draw(st.integers(1, N + 5), label="k")
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, N), max_size=6), label="cuts")) | {0, N})
+    chunks = [
+        (a, gallery[a:b].numpy() if gallery.dtype != torch.bfloat16 else gallery[a:b])
+        for a, b in itertools.pairwise(cuts)
+    ]
+    block_rows = data.draw(st.sampled_from([None, 1, 3, 16]), label="block_rows")
+    top = ad.scan(iter(chunks), k, block_rows=block_rows)
+    assert_topk_matches(top.ids, top.scores, dense_scores(ad, gallery), k, atol)
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.data())
+def test_rerank_equals_oracle_restricted_to_candidates(problem, data):
+    ad, gallery, atol = problem
+    B, N = len(ad), gallery.shape[0]
+    M = data.draw(st.integers(1, N), label="M")
+    k = data.draw(st.integers(1, M + 3), label="k")
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000), label="seed"))
+    ids = np.stack([rng.choice(N, M, replace=False) for _ in range(B)])
+    top = ad.rerank(ids, gallery[torch.from_numpy(ids)], k)
+    oracle = dense_scores(ad, gallery)
+    restricted = np.stack([oracle[b, ids[b]] for b in range(B)])
+    local = np.stack([[list(ids[b]).index(i) for i in top.ids[b].tolist()] for b in range(B)])
+    assert_topk_matches(local, top.scores, restricted, k, atol)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_adapted_query_gives_the_numerator(variant):
+    ad = random_adaptation(3, 20, 5, variant, seed=3)
+    d = torch.randn(50, 20, dtype=torch.float64)
+    num = torch.einsum("be,bef,nf->bn", ad.refined_query.double(), ad.dense().double(), d)
+    np.testing.assert_allclose((ad.adapted_query().double() @ d.T).numpy(), num.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rank_deficient_factors_and_zero_rows(variant):
+    ad = random_adaptation(2, 16, 6, variant, seed=4)
+    ad.U[:, :, 3:] = 0  # rank drops to 3
+    ad.V[:, :, :2] = ad.V[:, :, 2:4]
+    gallery = torch.randn(30, 16)
+    gallery[7] = 0
+    oracle = dense_scores(ad, gallery)
+    np.testing.assert_allclose(ad.score(gallery).numpy(), oracle, atol=2e-5)
+    top = ad.scan([(0, gallery)], k=30)
+    assert_topk_matches(top.ids, top.scores, oracle, 30, 2e-5)
+    assert np.allclose(oracle[:, 7], 0)
+
+
+def test_rerank_padding_and_small_candidate_sets():
+    ad = random_adaptation(2, 8, 2, "paper", seed=5)
+    vecs = torch.randn(2, 4, 8)
+    ids = torch.tensor([[10, 11, -1, -1], [20, 21, 22, 23]])
+    top = ad.rerank(ids, vecs, k=10)
+    assert top.ids.shape == (2, 4)
+    assert set(top.ids[0, :2].tolist()) == {10, 11}
+    assert top.ids[0, 2:].tolist() == [-1, -1] and torch.isneginf(top.scores[0, 2:]).all()
+    assert set(top.ids[1].tolist()) == {20, 21, 22, 23}
+
+
+def test_scan_is_batched_and_exact_on_a_memmap(tmp_path):
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((1000, 32)).astype(np.float16)
+    path = tmp_path / "g.npy"
+    np.save(path, data)
+    mm = np.load(path, mmap_mode="r")
+    ad = random_adaptation(5, 32, 8, "reference", seed=6)
+    top = ad.scan(((i, mm[i : i + 300]) for i in range(0, 1000, 300)), k=10)
+    assert_topk_matches(top.ids, top.scores, dense_scores(ad, data.astype(np.float64)), 10, 2e-5)
+
+
+def test_gradients_flow_through_score():
+    ad = random_adaptation(2, 12, 3, "reference", seed=7)
+    U = ad.U.clone().requires_grad_()
+    q = ad.refined_query.clone().requires_grad_()
+    scores = Adaptation(q, U, ad.V, "reference", 0.8).score(torch.randn(9, 12))
+    scores.sum().backward()
+    assert U.grad is not None and torch.isfinite(U.grad).all() and U.grad.abs().sum() > 0
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.fixture
+def ad():
+    return random_adaptation(2, 8, 2, "paper", seed=8)
+
+
+def test_wrong_dimension_is_named(ad):
+    with pytest.raises(QuARIInputError, match="expected embedding dimension 8, got 7"):
+        ad.score(torch.randn(5, 7))
+    with pytest.raises(QuARIInputError, match=r"offset 10: expected shape \(n, 8\)"):
+        ad.scan([(0, torch.randn(10, 8)), (10, torch.randn(4, 9))], k=3)
+
+
+def test_nan_rows_are_named_with_their_global_id(ad):
+    g = torch.randn(20, 8)
+    g[13, 2] = float("nan")
+    with pytest.raises(QuARIInputError, match=r"gallery row 13 contains NaN"):
+        ad.scan([(0, g[:10]), (10, g[10:])], k=3)
+    g[13, 2] = float("inf")
+    with pytest.raises(QuARIInputError, match=r"row \[13\] contains NaN or Inf"):
+        ad.score(g)
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, True, None])
+def test_bad_k(ad, k):
+    with pytest.raises(QuARIInputError, match="k must be a positive integer"):
+        ad.scan([(0, torch.randn(4, 8))], k=k)
+
+
+def test_mismatched_shapes(ad):
+    with pytest.raises(QuARIInputError, match="batch size 2"):
+        ad.score(torch.randn(3, 5, 8))
+    with pytest.raises(QuARIInputError, match="does not match candidate_ids"):
+        ad.rerank(torch.zeros(2, 4, dtype=torch.long), torch.randn(2, 5, 8), k=2)
+    with pytest.raises(QuARIInputError, match="expected \\(B, M\\) integers with B = 2"):
+        ad.rerank(torch.zeros(3, 4, dtype=torch.long), torch.randn(3, 4, 8), k=2)
+    with pytest.raises(QuARIInputError, match="U and V must both be"):
+        Adaptation(torch.randn(2, 8), torch.randn(2, 8, 2), torch.randn(2, 8, 3))
+    with pytest.raises(QuARIInputError, match="chunks must yield"):
+        ad.scan([torch.randn(4, 8)], k=1)
+
+
+def test_empty_gallery_and_k_larger_than_n(ad):
+    top = ad.scan([], k=5)
+    assert top.ids.shape == (2, 0)
+    top = ad.scan([(0, torch.randn(3, 8))], k=5)
+    assert top.ids.shape == (2, 3) and sorted(top.ids[0].tolist()) == [0, 1, 2]

@@ -1,0 +1,158 @@
+"""QuARIModel and HyperNetConfig: shapes, variant semantics, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quari import HyperNetConfig, QuARIInputError, QuARIModel
+
+from helpers import dense_scores, tiny_config
+
+VARIANTS = ["paper", "reference"]
+
+
+def _model(variant: str, seed: int = 0, **overrides) -> QuARIModel:
+    torch.manual_seed(seed)
+    return QuARIModel(tiny_config(variant, **overrides)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_outputs_have_the_documented_shapes(variant):
+    model = _model(variant)
+    with torch.inference_mode():
+        ad = model(torch.randn(5, 24))
+    assert ad.refined_query.shape == (5, 24) and ad.U.shape == ad.V.shape == (5, 24, 4)
+    assert torch.allclose(ad.refined_query.norm(dim=-1), torch.ones(5))
+    assert ad.variant == variant
+
+
+def test_paper_variant_is_pure_low_rank():
+    with torch.inference_mode():
+        ad = _model("paper")(torch.randn(3, 24))
+    ranks = torch.linalg.matrix_rank(ad.dense(), rtol=1e-5)
+    assert (ranks <= 4).all()
+
+
+def test_reference_variant_is_identity_plus_normalised_low_rank():
+    model = _model("reference")
+    with torch.inference_mode():
+        ad = model(torch.randn(3, 24))
+    assert ad.anchor_scale == pytest.approx(0.8)
+    assert torch.allclose(torch.linalg.matrix_norm(ad.U), torch.ones(3), atol=1e-5)
+    assert torch.allclose(torch.linalg.matrix_norm(ad.V), torch.ones(3), atol=1e-5)
+    delta = ad.dense() - torch.eye(24)
+    assert (torch.linalg.matrix_rank(delta, rtol=1e-4) <= 4).all()
+
+
+@pytest.mark.parametrize("variant,distinct", [("paper", True), ("reference", False)])
+def test_bank_identity(variant, distinct):
+    """PAPER.md §2.2: with zero-initialised banks and shared positions the U and V banks stay
+    equal; the paper variant gives them distinct positions so they differ."""
+    model = _model(variant)
+    model.v_decoder.load_state_dict(model.u_decoder.state_dict())  # same decoder on both banks
+    with torch.inference_mode():
+        ad = model(torch.randn(4, 24))
+    same = torch.allclose(ad.U, ad.V, atol=1e-6)
+    assert same != distinct
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_non_unit_queries_are_normalised(variant):
+    model = _model(variant)
+    q = torch.randn(3, 24)
+    with torch.inference_mode():
+        a, b = model(q), model(7.5 * q)
+    assert torch.allclose(a.refined_query, b.refined_query, atol=1e-6)
+    assert torch.allclose(a.U, b.U, atol=1e-5)
+
+
+def test_query_residual_weight_one_returns_the_query():
+    model = _model("paper", query_residual_weight=1.0)
+    q = torch.nn.functional.normalize(torch.randn(2, 24), dim=-1)
+    with torch.inference_mode():
+        assert torch.allclose(model(q).refined_query, q, atol=1e-6)
+
+
+def test_token_dropout_only_while_training():
+    model = _model("reference")
+    q = torch.randn(2, 24)
+    with torch.inference_mode():
+        assert torch.equal(model(q).U, model(q).U)
+    model.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        outs = [model(q).U for _ in range(4)]
+    assert any(not torch.allclose(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_steps_and_rank_are_honoured(variant):
+    one = _model(variant, num_steps=1, rank=7)
+    with torch.inference_mode():
+        ad = one(torch.randn(2, 24))
+    assert ad.U.shape[-1] == 7
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_scores_match_oracle_and_train_end_to_end(variant):
+    """Gradients reach every parameter through the factored score."""
+    model = _model(variant, dropout=0.0).train()
+    q = torch.randn(6, 24)
+    gallery = torch.randn(6, 24)
+    ad = model(q)
+    np.testing.assert_allclose(
+        ad.score(gallery).detach().numpy(), dense_scores(ad.detach(), gallery), atol=2e-5
+    )
+    ad.score(gallery).diagonal().sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not no_grad, no_grad
+
+
+def test_paper_sized_parameter_count():
+    """PAPER.md §2.4 counts ≈15.2 M parameters for E = 768, H = 512 (paper layout)."""
+    model = QuARIModel(HyperNetConfig(embedding_dim=768))
+    n = sum(p.numel() for p in model.parameters())
+    assert 14.5e6 < n < 16.0e6, n
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "queries,match",
+    [
+        (torch.randn(3, 23), "expected embedding dimension 24, got 23"),
+        (torch.randn(24), r"expected a 2-D array with last axis 24, got shape \(24,\)"),
+        (torch.randn(0, 24), "empty batch"),
+        (torch.tensor([[float("nan")] * 24]), r"row \[0\] contains NaN or Inf"),
+        (torch.tensor([[1.0] * 23 + [float("inf")]] * 2), r"row \[0\] contains NaN or Inf \(2 bad"),
+        (np.array([["a"] * 24]), "expected a numeric array"),
+    ],
+)
+def test_bad_queries(queries, match):
+    with pytest.raises(QuARIInputError, match=match):
+        _model("paper")(queries)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        (dict(variant="other"), "variant must be 'paper' or 'reference'"),
+        (dict(hidden_dim=18, num_heads=4), "must be divisible by num_heads"),
+        (dict(variant="paper", anchor_scale=0.5), "reference variant only"),
+        (dict(rank=0), "rank must be a positive integer"),
+        (dict(rank=40), r"rank \(40\) cannot exceed embedding_dim \(24\)"),
+        (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+    ],
+)
+def test_bad_configs(fields, match):
+    with pytest.raises(QuARIInputError, match=match):
+        tiny_config(**fields)
+
+
+def test_config_round_trip_and_variant_defaults():
+    cfg = tiny_config("reference")
+    assert (cfg.anchor_scale, cfg.query_residual_weight, cfg.token_dropout) == (0.8, 0.5, 0.05)
+    assert HyperNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(QuARIInputError, match=r"unknown HyperNetConfig field\(s\) \['colour'\]"):
+        HyperNetConfig.from_dict({**cfg.to_dict(), "colour": 1})
