@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from helpers import FIXTURE
 
@@ -14,3 +16,9 @@ def fixture_dir() -> Path:
     if not (FIXTURE / "golden.npz").is_file():
         pytest.fail(f"the reference fixture is missing: {FIXTURE}")
     return FIXTURE
+
+
+# Property tests: 100 examples each by default; `HYPOTHESIS_PROFILE=thorough pytest …` runs 2000.
+settings.register_profile("quari", max_examples=100, deadline=None)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quari"))

@@ -116,8 +116,17 @@ def as_embeddings(
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows of a 2-D tensor that hold any NaN or Inf."""
-    return torch.nonzero(~torch.isfinite(x).all(dim=-1)).flatten()
+    """Indices of the rows of a 2-D tensor that hold any NaN or Inf.
+
+    A row sum is non-finite whenever the row holds a NaN or Inf, and one vectorised sum is several
+    times cheaper than ``isfinite`` over fp16 data; rows whose sum merely overflowed are weeded
+    out by the exact check on the few suspects.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    suspects = torch.nonzero(~torch.isfinite(x.sum(dim=-1, dtype=acc))).flatten()
+    if suspects.numel() == 0:
+        return suspects
+    return suspects[~torch.isfinite(x[suspects]).all(dim=-1)]
 
 
 def check_k(k: Any) -> int:
