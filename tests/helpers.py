@@ -101,3 +101,32 @@ def assert_topk_matches(ids, scores, oracle: np.ndarray, k: int, atol) -> None:
     assert_close(np.take_along_axis(oracle, ids, axis=1), scores, atol)
     for b in range(B):
         assert len(set(ids[b].tolist())) == ids.shape[1], "duplicate ids"
+
+
+def make_set(root, shards=(300, 200, 250), dim=24, seed=0, text=False, encoder="test-encoder"):
+    """A small EmbeddingSet with metadata (``group`` 0–4, ``name``) and optional text vectors.
+
+    Returns:
+        (eset, vectors as stored (float16, (N, E)), metadata as one pyarrow Table)
+    """
+    import pyarrow as pa
+
+    from quari.store import EmbeddingSet
+
+    rng = np.random.default_rng(seed)
+    eset = EmbeddingSet.create(root, dim=dim, encoder=encoder)
+    stored, tables, offset = [], [], 0
+    for n in shards:
+        x = rng.standard_normal((n, dim))
+        meta = pa.table(
+            {
+                "group": pa.array(rng.integers(0, 5, n), pa.int64()),
+                "name": [f"item-{offset + i}" for i in range(n)],
+            }
+        )
+        txt = rng.standard_normal((n, dim)) if text else None
+        eset.append(x, meta, txt)
+        stored.append((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))
+        tables.append(meta)
+        offset += n
+    return eset, np.concatenate(stored), pa.concat_tables(tables)

@@ -156,6 +156,18 @@ class Adaptation:
         V = V / torch.linalg.matrix_norm(V)[:, None, None]
         return cls(q, U, V, "reference", anchor_scale=anchor_scale)
 
+    @classmethod
+    def identity(cls, queries: Any) -> Adaptation:
+        """T = I and q′ = q: plain cosine similarity in the backbone space — the baseline —
+        through the same exact scoring paths (score, rerank, scan) as an adapted query.
+
+        Args:
+            queries: (B, E) query embeddings (normalised here).
+        """
+        q = as_embeddings(queries, np.shape(queries)[-1], "queries", normalize=True)
+        zeros = q.new_zeros(*q.shape, 1)
+        return cls(q, zeros, zeros, "reference", anchor_scale=0.0)
+
     # -- shape and bookkeeping ------------------------------------------------------------------
     def __len__(self) -> int:
         return self.U.shape[0]

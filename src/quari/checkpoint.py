@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from quari import __version__
+from quari.fileio import atomic_write
 from quari.hypernet import HyperNetConfig, QuARIModel
 
 __all__ = ["CheckpointError", "load", "load_reference", "save"]
@@ -88,12 +89,10 @@ def save(model: QuARIModel, folder: str | os.PathLike[str]) -> Path:
         "metadata": model.metadata,
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(state, str(p)))
-    _atomic_write(
-        folder / "config.json",
-        lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"),
-    )
-    _atomic_write(folder / "README.md", lambda p: p.write_text(_model_card(model)))
+    atomic_write(folder / "model.safetensors", lambda f: f.write(save_safetensors(state)))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    atomic_write(folder / "config.json", lambda f: f.write(text.encode()))
+    atomic_write(folder / "README.md", lambda f: f.write(_model_card(model).encode()))
     return folder
 
 
@@ -235,18 +234,6 @@ def _build(config: HyperNetConfig, state: dict[str, torch.Tensor], where: Path) 
             )
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Writes via a temporary file in the same folder and renames it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _model_card(model: QuARIModel) -> str:

@@ -1,0 +1,214 @@
+"""The ``quari`` command line (typer). A thin layer: every command calls the library.
+
+Errors the library raises on bad input (wrong dimensions, corrupt files, stale indexes …) are
+printed as one line naming the problem, with exit code 2 — no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quari import __version__
+from quari.checkpoint import CheckpointError, load, load_reference
+from quari.hypernet import QuARIModel
+from quari.index import CandidateIndex, IndexConfig
+from quari.retriever import MODES, Retriever
+from quari.store import EmbeddingSet, StoreError
+from quari.validation import QuARIInputError
+
+app = typer.Typer(
+    help="quari: query-adaptive retrieval (QuARI) over embedding sets.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+index_app = typer.Typer(help="Candidate indexes over an embedding set.", no_args_is_help=True)
+set_app = typer.Typer(help="Inspect and check embedding sets.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(set_app, name="set")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Turns the library's input/storage errors into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (QuARIInputError, StoreError, CheckpointError, FileNotFoundError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_model(path: Path) -> QuARIModel:
+    """A quari model folder (config.json) or a reference checkpoint folder (config.yml)."""
+    if (path / "config.json").is_file():
+        return load(path)
+    if (path / "config.yml").is_file():
+        return load_reference(path)
+    raise CheckpointError(
+        f"{path}: neither a quari model folder (config.json + "
+        "model.safetensors) nor a reference checkpoint (config.yml + weights.pt)"
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the quari version."""
+    console.print(__version__)
+
+
+@index_app.command("build")
+@friendly_errors
+def index_build(
+    set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")],
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string (default: by size).")
+    ] = None,
+    nprobe: Annotated[int, typer.Option(help="IVF lists probed per query.")] = 32,
+    ef_search: Annotated[int, typer.Option(help="HNSW search breadth.")] = 256,
+    update: Annotated[
+        bool, typer.Option(help="Only add rows appended since the last build.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Build (or update) the candidate index beside an embedding set."""
+    eset = EmbeddingSet.open(set_path)
+    if update and CandidateIndex.exists(eset):
+        index = CandidateIndex.load(eset, update=True)
+        console.print(f"index {index.factory} over {index.rows:,} rows is up to date")
+        return
+    config = IndexConfig(factory=factory, nprobe=nprobe, ef_search=ef_search)
+    index = CandidateIndex.build(eset, config, progress=not quiet)
+    console.print(
+        f"built {index.factory} over {index.rows:,} rows in "
+        f"{index.info['build_seconds']:.1f} s → {index.paths()[0]}"
+    )
+
+
+@set_app.command("info")
+@friendly_errors
+def set_info(set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")]) -> None:
+    """Describe an embedding set (rows, dim, encoder, shards, index)."""
+    eset = EmbeddingSet.open(set_path)
+    table = Table(show_header=False, box=None)
+    for key, value in [
+        ("path", str(eset.root)),
+        ("rows", f"{eset.rows:,}"),
+        ("dim", eset.dim),
+        ("encoder", eset.encoder),
+        ("dtype", eset.dtype),
+        ("normalized", eset.normalized),
+        ("shards", len(eset.shards)),
+        ("text embeddings", eset.has_text),
+        ("metadata", eset.has_metadata),
+        ("manifest", eset.has_manifest),
+        ("index", CandidateIndex.exists(eset)),
+    ]:
+        table.add_row(f"[bold]{key}[/]", str(value))
+    console.print(table)
+
+
+@set_app.command("verify")
+@friendly_errors
+def set_verify(set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")]) -> None:
+    """Read every byte: checksums, NaN/Inf and all-zero rows."""
+    eset = EmbeddingSet.open(set_path)
+    eset.verify()
+    console.print(f"ok: {eset.rows:,} rows in {len(eset.shards)} shards")
+
+
+@app.command()
+@friendly_errors
+def search(
+    set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")],
+    model: Annotated[
+        Path | None, typer.Option(help="QuARI model folder (or reference checkpoint).")
+    ] = None,
+    query_embeddings: Annotated[
+        Path | None, typer.Option(help=".npy of (B, E) or (E,) query embeddings.")
+    ] = None,
+    query_rows: Annotated[
+        str | None, typer.Option(help="Comma-separated row ids of the set to use as image queries.")
+    ] = None,
+    mode: Annotated[str, typer.Option(help=f"One of {', '.join(MODES)}.")] = "adaptive",
+    k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = 10,
+    candidates: Annotated[int, typer.Option(help="Index candidates per query (K).")] = 1000,
+    where: Annotated[
+        str | None, typer.Option(help="Metadata filter, e.g. 'label == \"cat\" and width > 256'.")
+    ] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="Metadata columns to show (comma-separated).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    device: Annotated[str, typer.Option(help="Torch device for the model and scoring.")] = "cpu",
+) -> None:
+    """Search an embedding set with query embeddings."""
+    eset = EmbeddingSet.open(set_path)
+    if (query_embeddings is None) == (query_rows is None):
+        raise QuARIInputError("give exactly one of --query-embeddings and --query-rows")
+    if query_embeddings is not None:
+        queries = np.load(query_embeddings, allow_pickle=False)
+        queries = queries[None] if queries.ndim == 1 else queries
+    else:
+        try:
+            rows = [int(r) for r in query_rows.split(",") if r.strip()]
+        except ValueError:
+            raise QuARIInputError(f"--query-rows: expected integers, got {query_rows!r}") from None
+        queries = eset.gather(rows).astype(np.float32)
+    quari_model = load_model(model) if model is not None else None
+    index = CandidateIndex.load(eset) if mode != "scan" and CandidateIndex.exists(eset) else None
+    retriever = Retriever(eset, quari_model, index, device=device)
+    result = retriever.search(queries, k, mode=mode, candidates=candidates, where=where)
+    records = result.to_records()
+    if as_json:
+        json.dump(
+            {"mode": result.mode, "notes": result.notes, "results": records},
+            sys.stdout,
+            default=str,
+        )
+        sys.stdout.write("\n")
+        return
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    shown = columns.split(",") if columns else None
+    for b, rows in enumerate(records):
+        table = Table(title=f"query {b} · {result.mode}", title_justify="left")
+        keys = ["rank", "row", "score"]
+        extra = (
+            shown
+            if shown is not None
+            else [c for c in (rows[0] if rows else {}) if c not in keys][:3]
+        )
+        for key in keys + extra:
+            table.add_column(key, justify="right" if key in keys else "left")
+        for rec in rows:
+            table.add_row(
+                *(f"{rec[c]:.4f}" if c == "score" else str(rec.get(c, "")) for c in keys + extra)
+            )
+        console.print(table)
+
+
+@app.command()
+def demo() -> None:
+    """Run the end-to-end demo on the embedded default (not yet available)."""
+    console.print("quari demo: not yet — the end-to-end demo lands with its own issue.")
+
+
+def main() -> None:  # console-script entry point
+    app()

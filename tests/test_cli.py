@@ -1,0 +1,182 @@
+"""The quari command line: index build, search, set info/verify, and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quari import QuARIModel
+from quari.checkpoint import save
+from quari.index import CandidateIndex
+from quari.retriever import Retriever
+from quari.store import EmbeddingSet
+
+from helpers import make_set, tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from quari.cli import app
+
+    eset, _, _ = make_set(tmp_path / "set")
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("paper")).eval()
+    save(model, tmp_path / "model")
+    q = np.random.default_rng(3).standard_normal((2, 24)).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    return app, tmp_path, eset, model, q
+
+
+def test_build_then_search_matches_the_python_api(workspace):
+    app, tmp, eset, model, q = workspace
+    out = runner.invoke(app, ["index", "build", str(tmp / "set"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "built Flat over 750 rows" in out.output
+    out = runner.invoke(
+        app,
+        [
+            "search",
+            str(tmp / "set"),
+            "--model",
+            str(tmp / "model"),
+            "--query-embeddings",
+            str(tmp / "q.npy"),
+            "-k",
+            "5",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    api = Retriever(eset, model, CandidateIndex.load(eset)).search(q, 5, mode="adaptive")
+    assert [[r["row"] for r in rows] for rows in data["results"]] == api.ids.tolist()
+    assert data["results"][0][0]["name"] == f"item-{api.ids[0, 0]}"
+
+
+def test_search_with_a_filter_and_row_queries_prints_tables(workspace):
+    app, tmp, *_ = workspace
+    runner.invoke(app, ["index", "build", str(tmp / "set"), "--quiet"])
+    out = runner.invoke(
+        app,
+        [
+            "search",
+            str(tmp / "set"),
+            "--model",
+            str(tmp / "model"),
+            "--query-rows",
+            "3,700",
+            "--where",
+            "group == 1",
+            "-k",
+            "3",
+            "--mode",
+            "rerank",
+            "--columns",
+            "name,group",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "query 0 · rerank" in out.output and "query 1 · rerank" in out.output
+    assert out.output.count("│ 1     │") + out.output.count(" 1 ") >= 3  # group column shows 1
+
+
+def test_plain_and_scan_need_no_index_or_model(workspace):
+    app, tmp, *_ = workspace
+    out = runner.invoke(
+        app,
+        [
+            "search",
+            str(tmp / "set"),
+            "--model",
+            str(tmp / "model"),
+            "--query-embeddings",
+            str(tmp / "q.npy"),
+            "--mode",
+            "scan",
+            "--json",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["results"][0]) == 10
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["search", "{set}", "--mode", "plain", "--query-embeddings", "{bad}"],
+            "expected embedding dimension 24, got 5",
+        ),
+        (
+            ["search", "{set}", "--mode", "rerank", "--query-embeddings", "{q}"],
+            "needs a QuARI model",
+        ),
+        (
+            [
+                "search",
+                "{set}",
+                "--mode",
+                "adaptive",
+                "--model",
+                "{model}",
+                "--query-embeddings",
+                "{q}",
+            ],
+            "needs a candidate index",
+        ),
+        (["search", "{set}", "--mode", "plain", "--query-rows", "99999"], "unknown row id 99999"),
+        (
+            ["search", "{set}", "--mode", "plain", "--query-embeddings", "{q}", "--where", "a +"],
+            "syntax error",
+        ),
+        (["search", "{tmp}/nowhere", "--query-rows", "1"], "not a folder"),
+        (
+            ["search", "{set}", "--model", "{tmp}", "--query-rows", "1"],
+            "neither a quari model folder",
+        ),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(workspace, args, message):
+    app, tmp, *_ = workspace
+    np.save(tmp / "bad.npy", np.ones((1, 5), np.float32))
+    fill = {
+        "set": str(tmp / "set"),
+        "q": str(tmp / "q.npy"),
+        "bad": str(tmp / "bad.npy"),
+        "model": str(tmp / "model"),
+        "tmp": str(tmp),
+    }
+    out = runner.invoke(app, [a.format(**fill) for a in args])
+    assert out.exit_code == 2, out.output
+    assert message in " ".join(out.output.split()) and "Traceback" not in out.output
+
+
+def test_stale_index_and_update(workspace):
+    app, tmp, eset, *_ = workspace
+    runner.invoke(app, ["index", "build", str(tmp / "set"), "--quiet"])
+    eset.append(np.ones((2, 24)), {"group": [0, 1], "name": ["a", "b"]})
+    out = runner.invoke(app, ["search", str(tmp / "set"), "--mode", "plain", "--query-rows", "1"])
+    assert out.exit_code == 2 and "stale" in out.output
+    out = runner.invoke(app, ["index", "build", str(tmp / "set"), "--update"])
+    assert out.exit_code == 0 and "752 rows is up to date" in out.output
+
+
+def test_set_info_and_verify(workspace):
+    app, tmp, *_ = workspace
+    out = runner.invoke(app, ["set", "info", str(tmp / "set")])
+    assert out.exit_code == 0 and "test-encoder" in out.output and "750" in out.output
+    out = runner.invoke(app, ["set", "verify", str(tmp / "set")])
+    assert out.exit_code == 0 and "ok: 750 rows in 3 shards" in out.output
+    p = tmp / "set" / "img_emb" / "img_emb_2.npy"
+    x = np.load(p)
+    x[1, 1] = -x[1, 1]
+    np.save(p, x)
+    out = runner.invoke(app, ["set", "verify", str(tmp / "set")])
+    assert out.exit_code == 2 and "img_emb_2.npy: checksum differs" in out.output
+    assert EmbeddingSet.open(tmp / "set").rows == 750

@@ -1,0 +1,171 @@
+"""Retriever: every mode against a brute-force oracle; filters never leak."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quari import Adaptation, QuARIInputError, QuARIModel
+from quari.index import CandidateIndex, IndexConfig
+from quari.retriever import Retriever
+
+from helpers import assert_topk_matches, dense_scores, make_set, score_tolerance, tiny_config
+
+K = 60  # index candidates
+k = 10
+
+
+@pytest.fixture(params=["paper", "reference"])
+def setup(request, tmp_path):
+    eset, stored, meta = make_set(tmp_path / "s")
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config(request.param)).eval()
+    index = CandidateIndex.build(eset, progress=False)
+    queries = np.random.default_rng(7).standard_normal((5, 24)).astype(np.float32)
+    return eset, stored.astype(np.float64), meta, model, index, queries
+
+
+def topk_rows(scores: np.ndarray, n: int) -> np.ndarray:
+    return np.argsort(-scores, axis=1)[:, :n]
+
+
+def restrict(oracle: np.ndarray, allowed: list[np.ndarray]) -> np.ndarray:
+    out = np.full_like(oracle, -np.inf)
+    for b, rows in enumerate(allowed):
+        out[b, rows] = oracle[b, rows]
+    return out
+
+
+def plain_oracle(q, stored):
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    return qn @ (stored / np.linalg.norm(stored, axis=1, keepdims=True)).T
+
+
+def test_scan_equals_the_exact_oracle(setup):
+    eset, stored, _, model, index, q = setup
+    res = Retriever(eset, model, index).search(q, k, mode="scan")
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q))
+    assert_topk_matches(res.ids, res.scores, dense_scores(ad, stored), k, score_tolerance(ad))
+
+
+def test_plain_equals_cosine(setup):
+    eset, stored, _, _, index, q = setup
+    res = Retriever(eset, None, index).search(q, k, mode="plain", candidates=K)
+    oracle = plain_oracle(q, stored)
+    cands = topk_rows(q @ stored.T, K)
+    assert_topk_matches(res.ids, res.scores, restrict(oracle, list(cands)), k, 1e-5)
+
+
+def test_rerank_is_exact_quari_on_the_candidates_of_q(setup):
+    eset, stored, _, model, index, q = setup
+    res = Retriever(eset, model, index).search(q, k, mode="rerank", candidates=K)
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q))
+    cands = topk_rows(q @ stored.T, K)
+    oracle = restrict(dense_scores(ad, stored), list(cands))
+    assert_topk_matches(res.ids, res.scores, oracle, k, score_tolerance(ad))
+
+
+def test_adaptive_uses_the_union_of_q_and_w_candidates(setup):
+    eset, stored, _, model, index, q = setup
+    res = Retriever(eset, model, index).search(q, k, mode="adaptive", candidates=K)
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q))
+    w = ad.adapted_query().double().numpy()
+    cands = [
+        np.union1d(a, b)
+        for a, b in zip(topk_rows(q @ stored.T, K), topk_rows(w @ stored.T, K), strict=True)
+    ]
+    oracle = restrict(dense_scores(ad, stored), cands)
+    assert_topk_matches(res.ids, res.scores, oracle, k, score_tolerance(ad))
+
+
+def test_with_every_row_as_candidate_all_quari_modes_agree(setup):
+    eset, _, _, model, index, q = setup
+    r = Retriever(eset, model, index)
+    scan = r.search(q, k, mode="scan")
+    for mode in ("rerank", "adaptive"):
+        res = r.search(q, k, mode=mode, candidates=len(eset))
+        np.testing.assert_allclose(res.scores, scan.scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("exact_below", [10**6, 0])  # exact over the passing rows / via FAISS
+@pytest.mark.parametrize("mode", ["plain", "rerank", "adaptive", "scan"])
+def test_filters_never_return_a_filtered_out_row(setup, mode, exact_below):
+    eset, stored, meta, model, index, q = setup
+    r = Retriever(eset, model, index, exact_below=exact_below)
+    res = r.search(q, k, mode=mode, candidates=K, where="group == 2 and name != 'item-3'")
+    group = np.asarray(meta.column("group"))
+    names = np.asarray(meta.column("name"))
+    passing = np.flatnonzero((group == 2) & (names != "item-3"))
+    assert (res.ids >= 0).all() and np.isin(res.ids, passing).all()
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q)) if mode != "plain" else Adaptation.identity(q)
+    oracle = dense_scores(ad, stored)
+    if exact_below or mode == "scan":
+        allowed = [passing] * len(q)  # answered exactly over the passing rows
+    else:
+        ip = np.full((len(q), len(stored)), -np.inf)
+        ip[:, passing] = (q @ stored.T)[:, passing]
+        allowed = list(topk_rows(ip, K))
+        if mode == "adaptive":
+            wp = np.full_like(ip, -np.inf)
+            wp[:, passing] = (ad.adapted_query().double().numpy() @ stored.T)[:, passing]
+            allowed = [np.union1d(a, b) for a, b in zip(allowed, topk_rows(wp, K), strict=True)]
+    assert_topk_matches(res.ids, res.scores, restrict(oracle, allowed), k, score_tolerance(ad))
+    # Metadata rows come back aligned with the ids.
+    for b, table in enumerate(res.metadata):
+        assert table.column("row").to_pylist() == res.ids[b].tolist()
+        assert table.column("name").to_pylist() == names[res.ids[b]].tolist()
+
+
+def test_a_filter_passed_by_fewer_than_k_rows(setup):
+    eset, _, _, model, index, q = setup
+    res = Retriever(eset, model, index).search(
+        q, k, mode="adaptive", where='name in ["item-1", "item-9", "item-700"]'
+    )
+    assert sorted(res.ids[0][res.ids[0] >= 0].tolist()) == [1, 9, 700]
+    assert (res.ids[:, 3:] == -1).all() and np.isneginf(res.scores[:, 3:]).all()
+    assert any("only 3 rows pass the filter" in n for n in res.notes)
+    assert res.to_records()[0][0]["name"] in {"item-1", "item-9", "item-700"}
+
+
+def test_query_batches_do_not_change_results(setup):
+    eset, _, _, model, index, q = setup
+    one = Retriever(eset, model, index, batch_size=2).search(q, k, mode="adaptive")
+    all_ = Retriever(eset, model, index, batch_size=64).search(q, k, mode="adaptive")
+    np.testing.assert_array_equal(one.ids, all_.ids)
+
+
+def test_hnsw_index_adaptive_recall(tmp_path):
+    """Through an approximate index the modes still return exact scores of real rows."""
+    eset, stored, _ = make_set(tmp_path / "s", shards=(500, 500))
+    index = CandidateIndex.build(eset, IndexConfig(factory="HNSW16"), progress=False)
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()
+    q = np.random.default_rng(2).standard_normal((3, 24)).astype(np.float32)
+    res = Retriever(eset, model, index).search(q, k, mode="adaptive", candidates=100)
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q))
+    oracle = dense_scores(ad, stored.astype(np.float64))
+    np.testing.assert_allclose(res.scores, np.take_along_axis(oracle, res.ids, 1), atol=1e-5)
+
+
+def test_bad_setups_are_named(setup, tmp_path):
+    eset, _, _, model, index, q = setup
+    with pytest.raises(QuARIInputError, match="needs a QuARI model"):
+        Retriever(eset, None, index).search(q, mode="rerank")
+    with pytest.raises(QuARIInputError, match="needs a candidate index"):
+        Retriever(eset, model, None).search(q, mode="adaptive")
+    with pytest.raises(QuARIInputError, match="expected embedding dimension 24, got 7"):
+        Retriever(eset, model, index).search(np.ones((1, 7)))
+    with pytest.raises(QuARIInputError, match="mode must be one of"):
+        Retriever(eset, model, index).search(q, mode="fast")
+    model.metadata["encoder"] = "hf:google/siglip2-base-patch16-512"
+    with pytest.raises(QuARIInputError, match="trained for encoder 'hf:google/siglip2"):
+        Retriever(eset, model, index)
+    wide = QuARIModel(tiny_config("paper", embedding_dim=32))
+    with pytest.raises(QuARIInputError, match="expects 32-d embeddings"):
+        Retriever(eset, wide, index)
