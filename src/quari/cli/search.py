@@ -1,58 +1,28 @@
-"""The ``quari`` command line (typer). A thin layer: every command calls the library.
-
-Errors the library raises on bad input (wrong dimensions, corrupt files, stale indexes …) are
-printed as one line naming the problem, with exit code 2 — no traceback.
-"""
+"""Commands for embedding sets, candidate indexes and search."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from quari import __version__
 from quari.checkpoint import CheckpointError, load, load_reference
+from quari.cli import app, console, err_console, friendly_errors
 from quari.hypernet import QuARIModel
 from quari.index import CandidateIndex, IndexConfig
 from quari.retriever import MODES, Retriever
-from quari.store import EmbeddingSet, StoreError
+from quari.store import EmbeddingSet
 from quari.validation import QuARIInputError
 
-app = typer.Typer(
-    help="quari: query-adaptive retrieval (QuARI) over embedding sets.",
-    no_args_is_help=True,
-    add_completion=False,
-)
 index_app = typer.Typer(help="Candidate indexes over an embedding set.", no_args_is_help=True)
 set_app = typer.Typer(help="Inspect and check embedding sets.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(set_app, name="set")
-
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly_errors(fn: F) -> F:
-    """Turns the library's input/storage errors into one red line and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (QuARIInputError, StoreError, CheckpointError, FileNotFoundError) as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def load_model(path: Path) -> QuARIModel:
@@ -65,12 +35,6 @@ def load_model(path: Path) -> QuARIModel:
         f"{path}: neither a quari model folder (config.json + "
         "model.safetensors) nor a reference checkpoint (config.yml + weights.pt)"
     )
-
-
-@app.command()
-def version() -> None:
-    """Print the quari version."""
-    console.print(__version__)
 
 
 @index_app.command("build")
@@ -202,13 +166,3 @@ def search(
                 *(f"{rec[c]:.4f}" if c == "score" else str(rec.get(c, "")) for c in keys + extra)
             )
         console.print(table)
-
-
-@app.command()
-def demo() -> None:
-    """Run the end-to-end demo on the embedded default (not yet available)."""
-    console.print("quari demo: not yet — the end-to-end demo lands with its own issue.")
-
-
-def main() -> None:  # console-script entry point
-    app()

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, benchmark loaders and synthetic data."""
