@@ -15,12 +15,10 @@ from helpers import make_set
 def test_factory_table():
     assert choose_factory(50_000, 768) == "Flat"
     assert choose_factory(1_000_000, 768) == "Flat"
-    assert choose_factory(5_000_000, 768, memory_budget=64 << 30) == "HNSW32"
-    assert choose_factory(10_000_000, 768, memory_budget=16 << 30) == "HNSW32,SQ8"
-    assert choose_factory(100_000_000, 768) == "IVF32768,PQ96"
-    assert choose_factory(50_000_000, 512).startswith("IVF") and choose_factory(
-        50_000_000, 512
-    ).endswith("PQ64")
+    assert choose_factory(5_000_000, 768, memory_budget=64 << 30) == "IVF4096,Flat"
+    assert choose_factory(10_000_000, 768, memory_budget=8 << 30) == "IVF8192,SQ8"
+    assert choose_factory(100_000_000, 768) == "IVF16384,PQ96"
+    assert choose_factory(50_000_000, 512) == "IVF16384,PQ64"
 
 
 def test_flat_index_equals_brute_force(tmp_path):

@@ -1,0 +1,253 @@
+"""Search benchmark: per-query latency of every Retriever mode, memory, and recall vs scan.
+
+A synthetic clustered set (N × 768 fp16, 1,000 clusters) is written once under
+``benchmarks/data/`` and reused. For each size the script builds a candidate index, then for
+every mode (plain, rerank, adaptive, scan; K = 1000 candidates, k = 100) measures
+
+* per-query latency at B = 1 (median over queries) and at B = 32 (batch time / 32),
+* peak anonymous memory during the mode (sampled from /proc; memory-mapped gallery pages are
+  file cache, not counted), and
+* recall@100 of ``rerank`` and ``adaptive`` against the exact ``scan`` of the same model.
+
+The model is a *trained-looking* planted adapter (:class:`PlantedAdapter`): each query's T
+focuses on a subspace spanned by the query and its nearest cluster centroids plus random
+directions — the geometry a trained QuARI model produces (ranking changes inside the query's
+neighbourhood), with no training needed.
+
+Usage::
+
+    python benchmarks/bench_search.py                 # N = 100k and 1M (~20 min on 2 cores)
+    python benchmarks/bench_search.py --quick         # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import quari
+from quari import Adaptation
+from quari.eval.synthetic import ClusteredSpec, clustered_vectors, write_clustered_set
+from quari.index import CandidateIndex, IndexConfig
+from quari.retriever import Retriever
+from quari.store import EmbeddingSet
+
+HERE = Path(__file__).resolve().parent
+
+
+class PlantedAdapter(nn.Module):
+    """Maps queries to trained-looking Adaptations built from the data's cluster structure."""
+
+    def __init__(
+        self,
+        centroids: np.ndarray,
+        rank: int = 64,
+        variant: str = "paper",
+        neighbours: int = 24,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("centroids", torch.from_numpy(centroids))
+        self.rank, self.variant, self.neighbours, self.seed = rank, variant, neighbours, seed
+        self.metadata: dict = {}
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.centroids.shape[1]
+
+    def forward(self, q: torch.Tensor) -> Adaptation:
+        g = torch.Generator().manual_seed(self.seed)
+        q = torch.nn.functional.normalize(q.float(), dim=-1)
+        B, E, r = q.shape[0], q.shape[1], self.rank
+        near = torch.topk(q @ self.centroids.T, self.neighbours, dim=1).indices  # (B, m)
+        basis = torch.cat(
+            [
+                q[:, :, None],
+                self.centroids[near].transpose(1, 2),
+                torch.randn(B, E, r - 1 - self.neighbours, generator=g),
+            ],
+            dim=2,
+        )
+        V, _ = torch.linalg.qr(basis)  # (B, E, r): query neighbourhood + random directions
+        mix = torch.eye(r) + 0.5 * torch.randn(B, r, r, generator=g) / r**0.5
+        U = V @ mix
+        refined = q + 0.1 * torch.randn(B, E, generator=g) / E**0.5
+        if self.variant == "reference":
+            U = U / torch.linalg.matrix_norm(U)[:, None, None]
+            V = V / torch.linalg.matrix_norm(V)[:, None, None]
+            return Adaptation(refined, U, V, "reference", 0.8)
+        return Adaptation(refined, U, V)
+
+
+class PeakAnon:
+    """Samples RssAnon of this process in a thread; ``peak`` in MiB."""
+
+    def __enter__(self) -> PeakAnon:
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    self.peak = max(self.peak, int(line.split()[1]) / 1024)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def dataset(rows: int, spec: ClusteredSpec, root: Path) -> EmbeddingSet:
+    path = root / f"clustered-{rows}-{spec.dim}-{spec.clusters}-{spec.seed}"
+    if (path / "manifest.json").exists():
+        return EmbeddingSet.open(path)
+    print(f"  writing {rows:,} × {spec.dim} synthetic set to {path}", flush=True)
+    return write_clustered_set(path, rows, spec)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
+    )
+
+
+def bench_size(rows: int, args, spec: ClusteredSpec) -> list[dict]:
+    eset = dataset(rows, spec, args.data)
+    factory = args.factory_1m if rows > 500_000 else None
+    t0 = time.perf_counter()
+    if CandidateIndex.exists(eset):
+        try:
+            index = CandidateIndex.load(eset)
+            if factory and index.factory != factory:
+                raise ValueError
+        except Exception:
+            index = CandidateIndex.build(eset, IndexConfig(factory=factory), progress=False)
+    else:
+        index = CandidateIndex.build(eset, IndexConfig(factory=factory), progress=False)
+    print(
+        f"  N = {rows:,}: index {index.factory} ready in {time.perf_counter() - t0:.1f} s "
+        f"(build {index.info.get('build_seconds')} s)",
+        flush=True,
+    )
+    queries, _ = clustered_vectors(spec, args.queries, seed=10_000, centroids=spec.centroids())
+    out = []
+    for variant in args.variants:
+        model = PlantedAdapter(spec.centroids(), variant=variant)
+        retriever = Retriever(eset, model, index, batch_size=32)
+        truth = retriever.search(queries, args.k, mode="scan", with_metadata=False).ids
+        for mode in ("plain", "rerank", "adaptive", "scan"):
+            n1 = args.scan_queries if mode == "scan" else args.queries
+            times = []
+            with PeakAnon() as mem:
+                for i in range(n1):
+                    t = time.perf_counter()
+                    retriever.search(
+                        queries[i : i + 1],
+                        args.k,
+                        mode=mode,
+                        candidates=args.K,
+                        with_metadata=False,
+                    )
+                    times.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                batched = retriever.search(
+                    queries[:32], args.k, mode=mode, candidates=args.K, with_metadata=False
+                )
+                batch_ms = (time.perf_counter() - t) * 1e3 / min(32, len(queries))
+            row = {
+                "N": rows,
+                "index": index.factory,
+                "variant": variant,
+                "mode": mode,
+                "ms_per_query_b1": statistics.median(times) * 1e3,
+                "ms_per_query_b32": batch_ms,
+                "peak_anon_mib": round(mem.peak, 1),
+                "recall_at_k_vs_scan": recall(batched.ids, truth[:32]) if mode != "plain" else None,
+            }
+            out.append(row)
+            print(
+                f"    {variant:9s} {mode:8s} b1 {row['ms_per_query_b1']:9.2f} ms  "
+                f"b32 {row['ms_per_query_b32']:8.2f} ms/q  mem {row['peak_anon_mib']:7.0f} MiB"
+                f"  recall {row['recall_at_k_vs_scan']}",
+                flush=True,
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--K", type=int, default=1000)
+    parser.add_argument("--queries", type=int, default=32)
+    parser.add_argument("--scan-queries", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=["paper", "reference"])
+    parser.add_argument(
+        "--factory-1m",
+        default="IVF4096,Flat",
+        help="index for sets over 500k rows (default: IVF; Flat would be exact)",
+    )
+    parser.add_argument("--data", type=Path, default=HERE / "data")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_search.json")
+    args = parser.parse_args()
+    spec = ClusteredSpec(dim=768, clusters=1000)
+    if args.quick:
+        spec = ClusteredSpec(dim=64, clusters=50)
+        args.sizes, args.queries, args.scan_queries, args.K, args.k = [5_000], 4, 2, 200, 20
+        args.factory_1m = None
+    print(
+        f"quari {quari.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}",
+        flush=True,
+    )
+    rows = []
+    for n in args.sizes:
+        rows.extend(bench_size(n, args, spec))
+    print(
+        "\n| N | index | variant | mode | ms/query B=1 | ms/query B=32 | peak anon MiB | "
+        "recall@k vs scan |\n|---|---|---|---|---|---|---|---|"
+    )
+    for r in rows:
+        rec = "—" if r["recall_at_k_vs_scan"] is None else f"{r['recall_at_k_vs_scan']:.3f}"
+        print(
+            f"| {r['N']:,} | {r['index']} | {r['variant']} | {r['mode']} | "
+            f"{r['ms_per_query_b1']:.2f} | {r['ms_per_query_b32']:.2f} | "
+            f"{r['peak_anon_mib']:.0f} | {rec} |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "bench_search",
+                "quari": quari.__version__,
+                "torch": torch.__version__,
+                "settings": {
+                    "k": args.k,
+                    "K": args.K,
+                    "queries": args.queries,
+                    "dim": spec.dim,
+                    "clusters": spec.clusters,
+                    "quick": args.quick,
+                },
+                "results": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
