@@ -18,6 +18,8 @@ Usage::
 
     python benchmarks/bench_search.py                 # N = 100k and 1M (~20 min on 2 cores)
     python benchmarks/bench_search.py --quick         # a smoke run
+    python benchmarks/bench_search.py --sizes 10000000 --variants paper --queries 8 \
+        --scan-queries 1 --out benchmarks/results/bench_search_10m.json   # the 10M-row check
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def bench_size(rows: int, args, spec: ClusteredSpec) -> list[dict]:
     eset = dataset(rows, spec, args.data)
-    factory = args.factory_1m if rows > 500_000 else None
+    factory = args.factory_1m if 500_000 < rows <= 2_000_000 else None  # else: by size
     t0 = time.perf_counter()
     if CandidateIndex.exists(eset):
         try:

@@ -54,7 +54,7 @@ class IndexConfig:
         factory: FAISS factory string; ``None`` chooses by size (:func:`choose_factory`).
         nprobe: IVF lists probed per query.
         ef_search: HNSW search breadth.
-        train_rows: Rows sampled to train IVF / PQ / SQ quantizers.
+        train_rows: Rows sampled to train IVF / PQ / SQ quantizers (at least 40 per IVF list).
         batch_rows: Rows added per batch (bounds build memory).
         memory_budget: Bytes the index may take in RAM (default: a third of physical memory).
         seed: Seed of the training sample.
@@ -171,7 +171,10 @@ class CandidateIndex:
         t0 = time.perf_counter()
         if _needs_training(index):
             rng = np.random.default_rng(config.seed)
-            n_train = min(eset.rows, config.train_rows)
+            ivf = faiss.try_extract_index_ivf(index)
+            # k-means wants ≥ ~40 points per list; PQ/SQ are happy with far fewer.
+            wanted = max(config.train_rows, 40 * ivf.nlist if ivf is not None else 0)
+            n_train = min(eset.rows, wanted)
             sample = np.sort(rng.choice(eset.rows, n_train, replace=False))
             index.train(np.ascontiguousarray(eset.gather(sample), dtype=np.float32))
         built = cls(eset, index, {"factory": factory}, config, name)
