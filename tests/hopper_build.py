@@ -24,9 +24,12 @@ from quari.kernels import scan_triton as st
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def build(variant: str, batch: int, dim: int = 768, rank: int = 64) -> dict:
+def build(
+    variant: str, batch: int, dim: int = 768, rank: int = 64, config: st.KernelConfig | None = None
+) -> dict:
+    """Compiles one launch configuration for sm_90 and reads its resource use."""
     reference = variant == "reference"
-    cfg = st.default_config(batch, rank, reference, dim)
+    cfg = config or st.default_config(batch, rank, reference, dim)
     cfg = st.resolve_config(cfg, _Shape(batch, rank, variant, dim))
     fn = st._fused_scan_kernel
     names = fn.arg_names

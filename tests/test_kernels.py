@@ -41,8 +41,9 @@ HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # |kernel − fp64 oracle|: the projection columns are rounded to the gallery dtype (8-bit
 # mantissa for bf16, 11-bit for fp16); observed maxima ~2.5e-3 and ~3e-4 at these sizes.
 ORACLE_TOL = {torch.bfloat16: 6e-3, torch.float16: 1e-3}
-# |kernel − torch path|: the same rounded inputs, fp32 sums in another order.
-PATH_TOL = 2e-5
+# |kernel − torch path|: the same rounded inputs, fp32 sums in another order (on CUDA, cuBLAS
+# may also reduce half products in reduced precision).
+PATH_TOL = 2e-3 if CUDA else 2e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -303,7 +304,8 @@ def test_gpu_kernel_at_paper_size(variant, batch, monkeypatch):
     assert_topk_matches(top.ids.cpu(), top.scores.cpu(), want, 100, 6e-3)
     monkeypatch.setenv("QUARI_DISABLE_TRITON", "1")
     torch_top = ad.scan([(0, gallery)], k=100)
-    assert_close(top.scores.cpu(), torch_top.scores.cpu(), 1e-4)
+    # cuBLAS may reduce half products in reduced precision: not bit-for-bit the kernel's sums.
+    assert_close(top.scores.cpu(), torch_top.scores.cpu(), 2e-3)
 
 
 @pytest.mark.gpu

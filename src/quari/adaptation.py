@@ -517,6 +517,10 @@ class _RunningTopK:
         self.ids = torch.full((batch, 0), -1, dtype=torch.long, device=device)
 
     def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Merges (B, m) ``scores`` and ``ids``, each row sorted best first (a topk result)."""
+        if self.scores.shape[1] == 0 and scores.shape[1] <= self.k:
+            self.scores, self.ids = scores, ids  # the first block: nothing to merge with
+            return
         merged_scores = torch.cat([self.scores, scores], dim=1)
         merged_ids = torch.cat([self.ids, ids], dim=1)
         keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)

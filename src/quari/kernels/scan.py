@@ -136,8 +136,9 @@ def scan_topk(
                 scores = _kernel_scores(adaptation, part, config, fallback)
             if scores is None:
                 scores = _torch_scores(adaptation, part, block_rows)
-            _check_finite(scores, part, offset + start)
+            finite = torch.isfinite(scores).all()  # checked after the top-k is queued
             top = torch.topk(scores, min(k, part.shape[0]), dim=1)
+            _check_finite(finite, part, offset + start)
             best.add(top.values, top.indices + (offset + start))
     return best.result()
 
@@ -247,11 +248,11 @@ def _mm_fp32_out(device: torch.device) -> bool:
     return _MM_FP32_OUT[device.type]
 
 
-def _check_finite(scores: torch.Tensor, part: torch.Tensor, offset: int) -> None:
-    """Raises for NaN/Inf scores, naming the first bad gallery row by its global id."""
+def _check_finite(finite: torch.Tensor, part: torch.Tensor, offset: int) -> None:
+    """Raises for NaN/Inf scores (``finite`` is False), naming the first bad row by global id."""
     # One reduction over the (B, n) scores is far cheaper than checking the (n, E) rows, and a
     # NaN or Inf anywhere in a row makes its scores NaN.
-    if bool(torch.isfinite(scores).all()):
+    if bool(finite):
         return
     bad = nonfinite_rows(part)
     if bad.numel():

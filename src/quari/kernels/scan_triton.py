@@ -57,7 +57,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # thread at 8 warps, the largest tile that stays clear of spills.
 _MAX_COLUMNS = 256
 _NUMER_WIDTH = 16  # the reference numerator columns of one group (tl.dot needs N ≥ 16)
-_EPS = 1e-12  # as quari.adaptation: zero-norm items score 0
+#: The compiled kernel of each launch shape, for diagnostics (registers, spills, shared memory).
+COMPILED: dict[tuple, object] = {}
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,7 @@ def _score_tile(
         b = tl.load(weights_ptr + cols)  # (COLS,) fp32 numerator weights, zero on padding
         num = _group_sum(acc * b[None, :], BLOCK_M, G, W)
         den2 = _group_sum(acc * acc, BLOCK_M, G, W)
-    score = num / tl.maximum(tl.sqrt(den2), 1e-12)
+    score = num / tl.maximum(tl.sqrt(den2), 1e-12)  # quari.adaptation's clamp: 0 for d = 0
 
     q = grp * G + tl.arange(0, G)
     s_ptrs = scores_ptr + q[None, :].to(tl.int64) * stride_s + rows[:, None]
@@ -392,7 +393,7 @@ def fused_scores(
         else:
             sms = 4
         grid = min(n_tiles, sms * config.programs_per_sm)
-    _fused_scan_kernel[(grid,)](
+    compiled = _fused_scan_kernel[(grid,)](
         gallery,
         gallery.stride(0),
         packed.main,
@@ -419,4 +420,6 @@ def fused_scores(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if compiled is not None:  # None under the interpreter
+        COMPILED[(config, packed.reference, gallery.dtype, E)] = compiled
     return out
