@@ -354,6 +354,60 @@ def hypernet(b: Bench) -> None:
                     )
                 )
                 log(f"hypernet {variant} batch {B} graphed {med:.3f} ms ({med / B:.4f} ms/q)")
+                graph = model._cuda_graphs._graphs[B][0]
+                med_r, _, _ = b.time_ms(graph.replay, warmup=3, budget_s=0.5)
+                b.results["hypernet"][-1]["replay_only_ms"] = med_r
+                log(f"hypernet {variant} batch {B} graph replay alone {med_r:.3f} ms")
+
+
+def hypernet_compiled(b: Bench) -> None:
+    """torch.compile + CUDA graph at batch 1, in a child process with a time limit (the
+    compilation's length is not known in advance and must not eat the run)."""
+    limit = max(30.0, min(150.0, b.plan.budget_s - (time.perf_counter() - START)))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hypernet-compiled-child"]
+    try:
+        child = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        b.results["skipped"].append(f"hypernet compiled: over {limit:.0f} s")
+        log(f"hypernet compiled: still compiling after {limit:.0f} s, stopped")
+        return
+    lines = [x for x in child.stdout.splitlines() if x.startswith("{")]
+    if child.returncode or not lines:
+        raise RuntimeError(f"child failed ({child.returncode}): {child.stderr[-2000:]}")
+    row = json.loads(lines[-1])
+    b.results["hypernet"].append(row)
+    b.check("hypernet paper batch 1 compiled graph == eager", row["max_diff_vs_eager"] < 1e-3,
+            max_diff=row["max_diff_vs_eager"])  # fmt: skip
+    log(f"hypernet batch 1 compiled+graph {row['ms']:.3f} ms (compiling {row['capture_s']:.0f} s)")
+
+
+def hypernet_compiled_child() -> None:
+    import torch
+
+    from quari import HyperNetConfig, QuARIModel
+
+    p = Plan()
+    cfg = HyperNetConfig(embedding_dim=p.dim, rank=p.rank, hidden_dim=p.hidden,
+                         num_layers=p.layers, num_heads=p.heads, num_steps=p.steps)  # fmt: skip
+    torch.manual_seed(0)
+    model = QuARIModel(cfg).cuda().eval()
+    q = torch.randn(1, p.dim, device="cuda")
+    with torch.inference_mode():
+        eager = model(q)
+    t0 = time.perf_counter()
+    model.enable_cuda_graphs((1,), compile=True)
+    capture_s = time.perf_counter() - t0
+    b = Bench(p, [], True)
+    with torch.inference_mode():
+        med, best, reps = b.time_ms(lambda: model(q), warmup=3, budget_s=1)
+        got = model(q)
+    diff = max(
+        float((getattr(got, n) - getattr(eager, n)).abs().max())
+        for n in ("refined_query", "U", "V")
+    )
+    row = dict(variant="paper", batch=1, mode="compiled_cuda_graph", ms=med, min_ms=best,
+               reps=reps, capture_s=capture_s, max_diff_vs_eager=diff)  # fmt: skip
+    print(json.dumps(row), flush=True)
 
 
 def make_gallery(b: Bench, rows: int, dim: int, dtype, seed: int):
@@ -720,7 +774,12 @@ def main() -> int:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU (interpreter)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the configuration sweep")
     ap.add_argument("--budget", type=float, default=None, help="seconds before optional parts stop")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    ap.add_argument("--hypernet-compiled-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.hypernet_compiled_child:
+        hypernet_compiled_child()
+        return 0
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
@@ -760,8 +819,10 @@ def main() -> int:
             lambda: scan_rows(b, g, "reference", plan.reference_batches, "reference"),
             optional=True,
         )
-        if not args.no_sweep:
-            b.section("configuration sweep", lambda: sweep(b, g), optional=True)
+    if cuda and not args.no_compile:
+        b.section("hypernetwork, torch.compile + graph", lambda: hypernet_compiled(b), True)
+    if "g" in holder and not args.no_sweep:
+        b.section("configuration sweep", lambda: sweep(b, holder["g"]), optional=True)
     summary(b)
     b.save()
     return 0

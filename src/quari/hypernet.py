@@ -308,7 +308,9 @@ class QuARIModel(nn.Module):
         return refined, U, V
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def enable_cuda_graphs(self, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32)) -> QuARIModel:
+    def enable_cuda_graphs(
+        self, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32), *, compile: bool = False
+    ) -> QuARIModel:
         """Captures the forward pass as CUDA graphs, one per batch size, for low latency.
 
         Afterwards ``model(q)`` replays the smallest captured graph that holds the batch
@@ -320,6 +322,8 @@ class QuARIModel(nn.Module):
 
         Args:
             batch_sizes: The batch sizes to capture (each costs one graph's activations).
+            compile: Capture the ``torch.compile``-fused forward pass (fewer kernels per
+                replay; each batch size compiles once, tens of seconds, when enabling).
 
         Returns:
             The model itself.
@@ -337,7 +341,7 @@ class QuARIModel(nn.Module):
         from quari.kernels.graphs import GraphedForward
 
         self._cuda_graphs = None
-        self._cuda_graphs = GraphedForward(self, batch_sizes)
+        self._cuda_graphs = GraphedForward(self, batch_sizes, compile=compile)
         return self
 
     def disable_cuda_graphs(self) -> QuARIModel:
