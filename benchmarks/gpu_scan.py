@@ -118,26 +118,27 @@ def sweep_configs(batch: int, smoke: bool):
     from quari.kernels.scan_triton import KernelConfig as K
 
     if smoke:
-        return [K(32, 32, 1, 4, 2), K(64, 16, 0, 4, 2), K(32, 32, 0, 4, 2, True, 2)]
+        return [K(32, 32, 1, 4, 2), K(64, 16, 0, 4, 2, tma=True), K(32, 32, 0, 4, 2, True, 2)]
     if batch == 1:
         return [
-            K(128, 64, 1, 4, 4),  # default: 2 programs per SM (98 KiB shared, 156 registers)
+            K(128, 64, 1, 4, 4, tma=True),  # default: 90 registers, 2 programs per SM
+            K(256, 64, 1, 8, 3, tma=True),
+            K(128, 64, 1, 4, 4, True, 2, tma=True),
+            K(128, 64, 1, 4, 4),  # pointer loads: 156 registers, 98 KiB shared
             K(128, 64, 1, 4, 3),
-            K(128, 64, 1, 8, 4),
             K(256, 64, 1, 8, 3),
-            K(256, 64, 1, 8, 4),
             K(128, 128, 1, 4, 3),
-            K(64, 128, 1, 4, 4),
             K(128, 64, 1, 4, 4, True, 2),
         ]
     return [
-        K(128, 64, 4, 8, 3),  # default: the 128×256 tensor-core tile
+        K(128, 64, 4, 8, 3, tma=True),  # default: the 128×256 tensor-core tile, 160 registers
+        K(128, 64, 4, 8, 4, tma=True),
+        K(128, 64, 2, 8, 3, tma=True),  # 128 columns, 90 registers: 2 programs per SM
+        K(128, 64, 4, 8, 3, True, 1, tma=True),
+        K(128, 64, 4, 8, 3),  # pointer loads
         K(128, 64, 4, 8, 4),
-        K(128, 64, 2, 8, 3),  # 128 columns: 2 programs per SM
-        K(128, 64, 2, 4, 4),
+        K(128, 64, 2, 8, 3),
         K(256, 64, 2, 8, 3),
-        K(64, 64, 4, 4, 4),
-        K(128, 128, 4, 8, 2),
         K(128, 64, 4, 8, 3, True, 1),
     ]
 

@@ -105,12 +105,14 @@ def config_cases():
         KernelConfig(block_m=32, block_k=32, group=2),  # E = 48: a ragged last K step
         KernelConfig(block_m=64, block_k=16, group=4),
         KernelConfig(block_m=32, block_k=32, group=2, persistent=True, programs_per_sm=2),
+        KernelConfig(block_m=32, block_k=32, group=4, tma=True),  # E = 48: zero-filled K tail
+        KernelConfig(block_m=16, block_k=16, group=2, tma=True, persistent=True),
     ]
 
 
 @needs_triton
 @pytest.mark.parametrize("variant", ["paper", "reference"])
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_every_tile_configuration_computes_the_same_scores(variant, case):
     from quari.kernels.scan_triton import fused_scores
 
@@ -192,7 +194,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(scan_triton, "fused_scores", broken)
     monkeypatch.setattr(scan_module, "_failed", set())
     ad, gallery = make_problem(2, 32, 8, 100, "paper", torch.float16, seed=6)
-    with pytest.warns(RuntimeWarning, match="failed to build"):
+    with pytest.warns(RuntimeWarning, match="failed to build"):  # TMA, then pointer loads
         top = scan_topk(ad, gallery, 5, backend="triton")
     assert_topk_matches(top.ids.cpu(), top.scores.cpu(), oracle(ad, gallery), 5, 1e-3)
     with pytest.raises(RuntimeError, match="shared memory"):
@@ -241,9 +243,10 @@ def _hopper_toolchain() -> bool:
 @pytest.mark.skipif(not _hopper_toolchain(), reason="triton's ptxas/cuobjdump are not installed")
 def test_default_configs_compile_for_hopper_without_spills():
     """The default tile shapes at E = 768, r = 64, built for sm_90 without a GPU: tensor-core
-    (HGMMA) instructions, asynchronous pipelined loads, no register spills, shared memory
-    within the 227 KiB a Hopper block may use."""
-    cases = ["paper:1", "paper:8", "reference:1", "reference:8"]
+    (HGMMA) instructions, asynchronous loads (TMA or cp.async), no register spills, shared
+    memory within the 227 KiB a Hopper block may use — for the TMA defaults and their
+    pointer-load fallbacks."""
+    cases = [f"{v}:{b}:{t}" for v in ("paper", "reference") for b in (1, 8) for t in (1, 0)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = Path(__file__).resolve().parent
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent / "src"), env.get("PYTHONPATH", "")])
@@ -257,7 +260,7 @@ def test_default_configs_compile_for_hopper_without_spills():
         r = report[case]
         assert r["stack"] == 0 and r["local"] == 0, f"{case}: register spills {r}"
         assert r["hgmma"] > 0, f"{case}: no Hopper tensor-core instructions {r}"
-        assert r["ldgsts"] > 0, f"{case}: loads are not pipelined {r}"
+        assert r["ldgsts"] + r["tma_loads"] > 0, f"{case}: no asynchronous loads {r}"
         assert r["shared"] <= 227 * 1024, f"{case}: too much shared memory {r}"
 
 

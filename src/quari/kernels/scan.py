@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -147,28 +148,32 @@ def _kernel_scores(
     adaptation: Adaptation, part: torch.Tensor, config: Any, fallback: bool
 ) -> torch.Tensor | None:
     """(B, n) scores by the fused kernel; None where the torch path must do it instead (a rank
-    the kernel does not cover, or — with ``fallback`` — a kernel that fails to build)."""
+    the kernel does not cover, or — with ``fallback`` — kernels that fail to build)."""
     from quari.kernels import scan_triton
 
     if scan_triton.max_group(adaptation.rank, adaptation.variant == "reference") == 0:
         return None  # r > 256 (reference: r > 128): more columns than one tile holds
     cfg = scan_triton.resolve_config(config, adaptation)  # a bad explicit config raises
-    key = (cfg, adaptation.variant, adaptation.rank, part.dtype, str(part.device))
-    if fallback and key in _failed:
-        return None
-    try:
-        return scan_triton.fused_scores(part, adaptation, config=cfg)
-    except Exception as exc:  # compile errors, out of shared memory: fall back, say so once
-        if not fallback:
-            raise
-        _failed.add(key)
-        warnings.warn(
-            f"quari: the fused scan kernel failed to build ({type(exc).__name__}: {exc}); "
-            "using the torch path",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
+    # If a configuration fails to build (compile error, too little shared memory), try the
+    # pointer-load version of it, then the torch path; each failure is remembered and told once.
+    tries = [cfg] + ([replace(cfg, tma=False)] if cfg.tma and fallback else [])
+    for attempt in tries:
+        key = (attempt, adaptation.variant, adaptation.rank, part.dtype, str(part.device))
+        if fallback and key in _failed:
+            continue
+        try:
+            return scan_triton.fused_scores(part, adaptation, config=attempt)
+        except Exception as exc:
+            if not fallback:
+                raise
+            _failed.add(key)
+            warnings.warn(
+                f"quari: the fused scan kernel {attempt.describe()} failed to build "
+                f"({type(exc).__name__}: {exc}); trying the next option",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return None  # the torch path
 
 
 def half_projection(
