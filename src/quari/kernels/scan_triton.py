@@ -19,12 +19,20 @@ score this costs about 1e-3 absolute with bf16 columns (8-bit mantissa) and abou
 fp16 — far below the spread of scores that ranking depends on, and the reason the FLOP floor
 is the bf16 tensor-core rate.
 
-Layout of the packed projection (:func:`pack_projection`): queries are padded up to a multiple
-of G; query q owns the ``width`` contiguous columns ``q·width …`` of ``main`` (E, Bp·width),
-and for the reference variant the same columns of ``aux``. Numerator weights: paper — ``numer``
-(Bp, width) fp32 holds b; reference — ``numer`` (E, n_groups·16) holds w, query g of group j at
-column ``j·16 + g·(16 // G)`` and zeros elsewhere, so that a (G, 16 // G) reshape sums exactly
-one live column per query.
+Tiles arrive by TMA (host tensor descriptors; out-of-range rows read as zeros) or, where TMA
+cannot be used (rows not 16-byte aligned, or a failed build), by pointer loads with the ragged
+tail's row indices clamped. The grid is one program per (row tile, query group), groups
+fastest so that the programs sharing a gallery tile run together and read it from L2; an
+optional persistent grid loops over the same order.
+
+Layout of the packed projection (:func:`pack_projection`), built once per Adaptation from
+:func:`~quari.kernels.scan.half_projection` (per-query power-of-two scaled columns in the
+gallery dtype): queries are padded up to a multiple of G; query q owns the ``width``
+contiguous columns ``q·width …`` of ``main`` (E, Bp·width), and for the reference variant the
+same columns of ``aux``. ``weights``: paper — (Bp, width) fp32 holding b; reference — (Bp,)
+fp32 holding each query's s². Reference numerator: ``numer`` (E, n_groups·16) holds w, query g
+of group j at column ``j·16 + g·(16 // G)`` and zeros elsewhere, so that a (G, 16 // G)
+reshape sums exactly one live column per query.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) bf16 operands are widened to fp32 before ``tl.dot``:
 the interpreter computes bf16 dots wrongly (numpy has no bf16), and products of bf16 values
