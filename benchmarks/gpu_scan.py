@@ -41,7 +41,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 START = time.perf_counter()
@@ -578,28 +578,38 @@ def scan_rows(b: Bench, gallery, variant: str, batches, table: str) -> None:
             row["floor_ms_per_query"] = max(fb, ff) if B > 1 else fb
             if variant == "reference":  # its projection has 2r + 1 columns
                 row["floor_flops_2r1_ms_per_query"] = ff * columns / p.rank
-            for backend in ("torch", "triton"):
+            default = resolve_config(None, ad)
+            # The kernel with its default configuration; should that fail, its pointer-load
+            # version (what Adaptation.scan falls back to), so the table still has a number.
+            kernel_cfgs = [default] + ([replace(default, tma=False)] if default.tma else [])
+            for backend, cfg in [("torch", None)] + [("triton", c) for c in kernel_cfgs]:
+                if f"{backend}_ms" in row:
+                    break
                 try:
                     med, _, reps = b.time_ms(
-                        lambda ad=ad, v=view, be=backend: scan_topk(
-                            ad, v, p.k, backend=be, fallback=False
+                        lambda ad=ad, v=view, be=backend, c=cfg: scan_topk(
+                            ad, v, p.k, backend=be, config=c, fallback=False
                         )
                     )
                     row[f"{backend}_ms"] = med
                     row[f"{backend}_ms_per_query"] = med / B
                     row[f"{backend}_reps"] = reps
+                    if cfg is not None:
+                        row["kernel_config"] = cfg.describe()
                 except Exception as exc:
-                    row[f"{backend}_error"] = repr(exc)[:500]
+                    key = f"{backend}_error" + (f"_{cfg.describe()}" if cfg else "")
+                    row[key] = repr(exc)[:500]
                     log(f"!! {table} {backend} N={N} B={B}: {exc!r}")
+            cfg = next((c for c in kernel_cfgs if c.describe() == row.get("kernel_config")), None)
             try:  # the kernel alone, and torch.topk on its scores
+                if cfg is None:
+                    raise RuntimeError("no kernel configuration ran")
                 scores = torch.empty(B, N, device=b.device)
-                cfg = resolve_config(None, ad)
                 med_k, _, _ = b.time_ms(
                     lambda v=view, ad=ad, s=scores, c=cfg: fused_scores(v, ad, out=s, config=c)
                 )
                 med_t, _, _ = b.time_ms(lambda s=scores: torch.topk(s, p.k, dim=1))
                 row.update(kernel_only_ms_per_query=med_k / B, topk_only_ms_per_query=med_t / B)
-                row["kernel_config"] = cfg.describe()
                 row["kernel_tflops"] = 2 * N * p.dim * columns * B / (med_k * 1e-3) / 1e12
                 row["kernel_read_tb_per_s"] = N * p.dim * 2 / (med_k * 1e-3) / 1e12
                 kern = COMPILED.get((cfg, variant == "reference", view.dtype, p.dim))
