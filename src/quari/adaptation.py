@@ -129,6 +129,9 @@ class Adaptation:
         self.V = V
         self.variant = variant
         self.anchor_scale = float(anchor_scale)
+        # Device-side forms derived from the factors (the kernels' packed projections), built
+        # on first use; like _projection they assume the factors are not changed in place.
+        self._derived: dict[Any, Any] = {}
 
     @classmethod
     def random(
@@ -423,6 +426,13 @@ class Adaptation:
                 take ~12 MiB). Memory use is bounded by the chunk size plus two blocks per
                 worker thread (on CPU, one worker per torch thread).
 
+        On a CUDA adaptation (fp32 factors) the scan runs on the GPU (:mod:`quari.kernels`):
+        fp16/bf16 rows go through the fused Triton kernel — or, where Triton is missing or
+        ``QUARI_DISABLE_TRITON`` is set, a half-precision GEMM with fp32 output — against the
+        projection rounded to the rows' dtype, so scores are within ~1e-3 (bf16) or ~1e-4
+        (fp16) of exact; rows in other dtypes are scored in fp32. Host chunks are copied to
+        the device in segments of at most 512 MiB.
+
         Returns:
             :class:`TopK` with (B, min(k, N)) ids and scores, best first.
 
@@ -438,6 +448,11 @@ class Adaptation:
             torch.Size([2, 5])
         """
         k = check_k(k)
+        if self.device.type == "cuda" and self._compute_dtype == torch.float32:
+            # GPU: fused kernel for fp16/bf16 rows, torch path otherwise (quari.kernels.scan).
+            from quari.kernels.scan import scan_topk
+
+            return scan_topk(self, chunks, k, block_rows=block_rows)
         proj, E, B = self._projection, self.embedding_dim, len(self)
         if block_rows is None:
             block_rows = default_block_rows(E, proj.flat.shape[1])
@@ -502,6 +517,10 @@ class _RunningTopK:
         self.ids = torch.full((batch, 0), -1, dtype=torch.long, device=device)
 
     def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Merges (B, m) ``scores`` and ``ids``, each row sorted best first (a topk result)."""
+        if self.scores.shape[1] == 0 and scores.shape[1] <= self.k:
+            self.scores, self.ids = scores, ids  # the first block: nothing to merge with
+            return
         merged_scores = torch.cat([self.scores, scores], dim=1)
         merged_ids = torch.cat([self.ids, ids], dim=1)
         keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)

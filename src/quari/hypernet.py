@@ -24,6 +24,7 @@ and 5 % token dropout while training. Load such checkpoints with
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -180,6 +181,7 @@ class QuARIModel(nn.Module):
         self.config = config
         #: Free-form facts saved with the model (encoder id, training data, metrics).
         self.metadata: dict[str, Any] = {}
+        self._cuda_graphs: Any = None  # quari.kernels.graphs.GraphedForward when enabled
         E, H, r = config.embedding_dim, config.hidden_dim, config.rank
         paper = config.variant == "paper"
 
@@ -197,6 +199,10 @@ class QuARIModel(nn.Module):
         else:
             self.step_mlp = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, H))
             self.register_buffer("position_scale", torch.ones(1))
+            # The fixed step codes live on the model's device (not in checkpoints), so that the
+            # forward pass makes no host-to-device copies (a CUDA graph cannot capture those).
+            codes = torch.stack([step_code(t, H) for t in range(config.num_steps)])
+            self.register_buffer("step_codes", codes, persistent=False)
         self.register_buffer("positions", sinusoidal_table(2 * r + 1, H))
 
         layer = nn.TransformerEncoderLayer(
@@ -223,8 +229,7 @@ class QuARIModel(nn.Module):
     def _step_vector(self, step: int, like: torch.Tensor) -> torch.Tensor:
         if self.config.variant == "paper":
             return self.step_embedding.weight[step]
-        code = step_code(step, self.config.hidden_dim).to(like)
-        return self.step_mlp(code)
+        return self.step_mlp(self.step_codes[step].to(like))
 
     def _bank_positions(self) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
         """Positional codes added to (control token, U bank, V bank)."""
@@ -260,6 +265,18 @@ class QuARIModel(nn.Module):
             dtype=ref.dtype,
             device=ref.device,
         )
+        graphs = self._cuda_graphs
+        if graphs is not None and graphs.accepts(self, q):
+            refined, U, V = graphs(q)
+        else:
+            refined, U, V = self._predict(q)
+        if cfg.variant == "paper":
+            return Adaptation(refined, U, V)
+        return Adaptation(refined, U, V, variant="reference", anchor_scale=cfg.anchor_scale)
+
+    def _predict(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensor computation of :meth:`forward` on checked queries: (q′, U, V)."""
+        cfg = self.config
         B, r = q.shape[0], cfg.rank
         ctx = self.query_encoder(q)
         u = ctx.new_zeros(B, r, cfg.hidden_dim)
@@ -284,10 +301,60 @@ class QuARIModel(nn.Module):
         refined = F.normalize(refined, dim=-1)
         U = self.u_decoder(u).transpose(1, 2)  # (B, E, r)
         V = self.v_decoder(v).transpose(1, 2)
-        if cfg.variant == "paper":
-            return Adaptation(refined, U, V)
-        if cfg.normalize_factors:
+        if cfg.variant == "reference" and cfg.normalize_factors:
             # Same epsilon as the reference implementation, so released weights match exactly.
             U = U / (torch.linalg.matrix_norm(U)[:, None, None] + 1e-8)
             V = V / (torch.linalg.matrix_norm(V)[:, None, None] + 1e-8)
-        return Adaptation(refined, U, V, variant="reference", anchor_scale=cfg.anchor_scale)
+        return refined, U, V
+
+    # -- CUDA graphs ------------------------------------------------------------------------------
+    def enable_cuda_graphs(
+        self, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32), *, compile: bool = False
+    ) -> QuARIModel:
+        """Captures the forward pass as CUDA graphs, one per batch size, for low latency.
+
+        Afterwards ``model(q)`` replays the smallest captured graph that holds the batch
+        (padding it) whenever the model is on CUDA, in eval mode and not tracking gradients,
+        and returns an ordinary :class:`~quari.adaptation.Adaptation` — the same numbers as
+        the eager pass. Larger batches, training and autograd run eagerly. Validation and
+        normalisation of the queries stay outside the graph. Moving or casting the model
+        (``.to()``, ``.half()``…) drops the graphs; enable them again afterwards.
+
+        Args:
+            batch_sizes: The batch sizes to capture (each costs one graph's activations).
+            compile: Capture the ``torch.compile``-fused forward pass (fewer kernels per
+                replay; each batch size compiles once, tens of seconds, when enabling).
+
+        Returns:
+            The model itself.
+
+        Raises:
+            RuntimeError: the model is not on a CUDA device.
+            QuARIInputError: a batch size that is not a positive integer.
+
+        Example:
+            >>> model = QuARIModel(HyperNetConfig(768)).cuda().eval()  # doctest: +SKIP
+            >>> model.enable_cuda_graphs((1, 8, 32))  # doctest: +SKIP
+            >>> with torch.inference_mode():  # doctest: +SKIP
+            ...     adaptation = model(query)  # replays the batch-1 graph
+        """
+        from quari.kernels.graphs import GraphedForward
+
+        self._cuda_graphs = None
+        self._cuda_graphs = GraphedForward(self, batch_sizes, compile=compile)
+        return self
+
+    def disable_cuda_graphs(self) -> QuARIModel:
+        """Drops the captured graphs (and their memory); ``model(q)`` runs eagerly again."""
+        self._cuda_graphs = None
+        return self
+
+    @property
+    def cuda_graph_batch_sizes(self) -> tuple[int, ...]:
+        """The captured batch sizes (empty when CUDA graphs are off)."""
+        return () if self._cuda_graphs is None else self._cuda_graphs.batch_sizes
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() … replace the parameters that the graphs read: drop them.
+        self._cuda_graphs = None
+        return super()._apply(fn, *args, **kwargs)

@@ -1,0 +1,265 @@
+"""Exact top-k over a gallery on a device: fused kernel or torch, per chunk, same contract.
+
+The gallery streams through in *segments* (at most ~1 GiB of fp32 scores, and at most
+512 MiB of rows copied from host memory at a time). For each segment the chosen backend writes
+the (B, n) fp32 scores — never the N×B×r projection — then one ``torch.topk`` per segment picks
+each query's best k, merged into a running top-k across segments.
+
+Backends, chosen per chunk by :func:`select_backend`:
+
+* ``"triton"`` — the fused kernel (:mod:`quari.kernels.scan_triton`): fp16/bf16 rows, tensor
+  cores in the gallery dtype, fp32 accumulation and epilogue.
+* ``"torch"`` — fp16/bf16 rows: a GEMM in the gallery dtype with fp32 output (CUDA) against the
+  projection rounded to that dtype, then ``Adaptation._epilogue`` block by block; other dtypes:
+  fp32 rows against the fp32 projection, as on CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from quari.adaptation import Adaptation, TopK, _checked_chunks, _RunningTopK
+from quari.kernels.availability import interpreting, triton_available
+from quari.validation import QuARIInputError, check_k, nonfinite_rows
+
+__all__ = ["half_projection", "scan_topk", "select_backend"]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_SCORE_BYTES = 1 << 30  # fp32 scores of one segment
+_HOST_COPY_BYTES = 512 << 20  # gallery rows copied to the device per segment
+_TORCH_BLOCK_BYTES = 256 << 20  # the torch path's fp32 projections per block
+
+# Configurations whose first launch failed (compile error, out of shared memory), keyed by the
+# kernel's shape, so that later calls go straight to the fallback.
+_failed: set[tuple] = set()
+
+
+def select_backend(device: torch.device | str, dtype: torch.dtype, requested: str = "auto") -> str:
+    """The backend that scores a chunk of ``dtype`` rows on ``device``.
+
+    Args:
+        device: Where the adaptation (and the scoring) lives.
+        dtype: The chunk's dtype.
+        requested: ``"auto"`` (the kernel for fp16/bf16 rows on CUDA when Triton is available
+            and ``QUARI_DISABLE_TRITON`` is unset, else torch), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``"triton"`` or ``"torch"``.
+
+    Raises:
+        QuARIInputError: an unknown ``requested``, or ``"triton"`` for rows that are not
+            fp16/bf16.
+        RuntimeError: ``"triton"`` where Triton is missing or disabled, or on a CPU device
+            without ``TRITON_INTERPRET=1``.
+
+    Example:
+        >>> select_backend("cpu", torch.bfloat16)
+        'torch'
+    """
+    device = torch.device(device)
+    if requested not in ("auto", "triton", "torch"):
+        raise QuARIInputError(f"backend must be 'auto', 'triton' or 'torch', got {requested!r}")
+    half = dtype in HALF_DTYPES
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and half and triton_available() else "torch"
+    if not half:
+        raise QuARIInputError(f"the fused kernel reads fp16/bf16 gallery rows, got {dtype}")
+    if not triton_available():
+        raise RuntimeError("the fused kernel needs Triton (pip install quari[gpu]), and "
+                           "QUARI_DISABLE_TRITON must be unset")  # fmt: skip
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"the fused kernel runs on CUDA devices (or on CPU under TRITON_INTERPRET=1), "
+            f"not on {device}"
+        )
+    return "triton"
+
+
+def scan_topk(
+    adaptation: Adaptation,
+    chunks: Iterable[tuple[int, Any]] | torch.Tensor,
+    k: int,
+    *,
+    backend: str = "auto",
+    config: Any = None,
+    block_rows: int | None = None,
+    fallback: bool = True,
+) -> TopK:
+    """Exact top-k of every query over a gallery, scored on the adaptation's device.
+
+    Args:
+        adaptation: The queries' :class:`~quari.adaptation.Adaptation` (fp32 factors).
+        chunks: Iterable of ``(offset, array)`` pairs as for :meth:`Adaptation.scan`, or one
+            (N, E) tensor (offset 0). Rows on the host are copied to the device per segment.
+        k: Results per query; a gallery with fewer rows returns them all.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`select_backend`).
+        config: A :class:`~quari.kernels.scan_triton.KernelConfig` for the kernel (default:
+            chosen by batch size and rank).
+        block_rows: Rows per GEMM block of the torch path (default: ~256 MiB of projections).
+        fallback: If the kernel fails to build (compile error, too little shared memory),
+            warn once and use the torch path; ``False`` raises instead (benchmarks, tests).
+
+    Returns:
+        :class:`TopK` with (B, min(k, N)) global row ids and scores, best first, on the
+        adaptation's device.
+
+    Raises:
+        QuARIInputError: a bad chunk or k, or a gallery row holding NaN/Inf (named by its
+            global row id).
+
+    Example:
+        >>> ad = Adaptation.random(2, 64, 8).to("cuda")  # doctest: +SKIP
+        >>> top = scan_topk(ad, gallery_bf16_cuda, k=100)  # doctest: +SKIP
+    """
+    k = check_k(k)
+    if isinstance(chunks, torch.Tensor):
+        chunks = [(0, chunks)]
+    device, B, E = adaptation.device, len(adaptation), adaptation.embedding_dim
+    best = _RunningTopK(B, k, device)
+    for offset, chunk in _checked_chunks(chunks, E):
+        half = chunk.dtype in HALF_DTYPES
+        chosen = select_backend(device, chunk.dtype, backend)
+        rows = max(1, _SCORE_BYTES // (4 * B))
+        if chunk.device != device:
+            rows = min(rows, max(1, _HOST_COPY_BYTES // (E * chunk.element_size())))
+        for start in range(0, chunk.shape[0], rows):
+            part = chunk[start : start + rows]
+            part = part.to(device=device, dtype=part.dtype if half else torch.float32)
+            scores = None
+            if chosen == "triton":
+                scores = _kernel_scores(adaptation, part, config, fallback)
+            if scores is None:
+                scores = _torch_scores(adaptation, part, block_rows)
+            finite = torch.isfinite(scores).all()  # checked after the top-k is queued
+            top = torch.topk(scores, min(k, part.shape[0]), dim=1)
+            _check_finite(finite, part, offset + start)
+            best.add(top.values, top.indices + (offset + start))
+    return best.result()
+
+
+def _kernel_scores(
+    adaptation: Adaptation, part: torch.Tensor, config: Any, fallback: bool
+) -> torch.Tensor | None:
+    """(B, n) scores by the fused kernel; None where the torch path must do it instead (a rank
+    the kernel does not cover, or — with ``fallback`` — kernels that fail to build)."""
+    from quari.kernels import scan_triton
+
+    if scan_triton.max_group(adaptation.rank, adaptation.variant == "reference") == 0:
+        return None  # r > 256 (reference: r > 128): more columns than one tile holds
+    cfg = scan_triton.resolve_config(config, adaptation)  # a bad explicit config raises
+    # If a configuration fails to build (compile error, too little shared memory), try the
+    # pointer-load version of it, then the torch path; each failure is remembered and told once.
+    tries = [cfg] + ([replace(cfg, tma=False)] if cfg.tma and fallback else [])
+    for attempt in tries:
+        key = (attempt, adaptation.variant, adaptation.rank, part.dtype, str(part.device))
+        if fallback and key in _failed:
+            continue
+        try:
+            return scan_triton.fused_scores(part, adaptation, config=attempt)
+        except Exception as exc:
+            if not fallback:
+                raise
+            _failed.add(key)
+            warnings.warn(
+                f"quari: the fused scan kernel {attempt.describe()} failed to build "
+                f"({type(exc).__name__}: {exc}); trying the next option",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    return None  # the torch path
+
+
+def half_projection(
+    adaptation: Adaptation, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``adaptation._projection.per_query`` rounded to ``dtype`` for the tensor cores.
+
+    Each query's columns are first scaled by a power of two s (exact: no extra rounding) that
+    brings their largest entry near 1, so fp16 neither overflows nor flushes to subnormals.
+    Paper scores are invariant to s; the reference variant's ‖d‖² term is multiplied by s².
+
+    Returns:
+        ``(columns, s2)``: (B, E, k) columns in ``dtype`` and (B,) fp32 s², cached per dtype.
+    """
+    cache, key = adaptation._derived, ("half", dtype)
+    if key not in cache:
+        cols = adaptation._projection.per_query
+        peak = cols.abs().amax(dim=(1, 2))
+        exponent = torch.where(peak > 0, torch.round(torch.log2(peak)), torch.zeros_like(peak))
+        scale = torch.exp2(-exponent.clamp(-60, 60))
+        cache[key] = ((cols * scale[:, None, None]).to(dtype), scale.square())
+    return cache[key]
+
+
+def _torch_scores(
+    adaptation: Adaptation, part: torch.Tensor, block_rows: int | None
+) -> torch.Tensor:
+    """(B, n) scores by GEMM blocks + ``Adaptation._epilogue`` (the N×B×k block is bounded)."""
+    B, flat, s2 = len(adaptation), adaptation._projection.flat, None
+    half = part.dtype in HALF_DTYPES
+    if half:
+        # fp16/bf16 rows meet the projection rounded to their dtype, as in the kernel: the
+        # tensor cores' input. Where the half GEMM with fp32 output is missing (CPU), the same
+        # products are formed in fp32 (exact for half inputs).
+        cache, key = adaptation._derived, ("flat", part.dtype)
+        if key not in cache:
+            cols, s2 = half_projection(adaptation, part.dtype)
+            cache[key] = cols.permute(1, 0, 2).reshape(flat.shape)
+        flat, s2 = cache[key], half_projection(adaptation, part.dtype)[1]
+    half_gemm = half and _mm_fp32_out(part.device)
+    if half and not half_gemm:
+        flat = flat.float()
+    if block_rows is None:
+        block_rows = max(256, _TORCH_BLOCK_BYTES // (4 * flat.shape[1]))
+    scores = torch.empty(B, part.shape[0], dtype=torch.float32, device=part.device)
+    for s in range(0, part.shape[0], block_rows):
+        block = part[s : s + block_rows]
+        if half_gemm:
+            z = torch.mm(block, flat, out_dtype=torch.float32)
+        else:
+            block = block.float()
+            z = block @ flat
+        norm2 = None
+        if adaptation._identity_weight:
+            norm2 = torch.linalg.vector_norm(block, dim=-1, dtype=torch.float32).square_()[:, None]
+            if s2 is not None:
+                norm2 = norm2 * s2
+        z = z.view(block.shape[0], B, -1)
+        scores[:, s : s + block.shape[0]] = adaptation._epilogue(z, norm2).T
+    return scores
+
+
+_MM_FP32_OUT: dict[str, bool] = {}
+
+
+def _mm_fp32_out(device: torch.device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` takes fp16/bf16 inputs here
+    (CUDA in torch ≥ 2.8); elsewhere the rows are upcast to fp32 instead."""
+    if device.type not in _MM_FP32_OUT:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            _MM_FP32_OUT[device.type] = torch.mm(a, a, out_dtype=torch.float32).dtype == (
+                torch.float32
+            )
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_FP32_OUT[device.type] = False
+    return _MM_FP32_OUT[device.type]
+
+
+def _check_finite(finite: torch.Tensor, part: torch.Tensor, offset: int) -> None:
+    """Raises for NaN/Inf scores (``finite`` is False), naming the first bad row by global id."""
+    # One reduction over the (B, n) scores is far cheaper than checking the (n, E) rows, and a
+    # NaN or Inf anywhere in a row makes its scores NaN.
+    if bool(finite):
+        return
+    bad = nonfinite_rows(part)
+    if bad.numel():
+        raise QuARIInputError(f"gallery row {offset + int(bad[0])} contains NaN or Inf")
+    raise QuARIInputError("non-finite scores: the adaptation's factors hold NaN or Inf")
