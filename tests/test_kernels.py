@@ -273,6 +273,8 @@ def test_cuda_graph_api_without_cuda_is_a_clear_error():
             model.enable_cuda_graphs((1, 2))
     with pytest.raises(QuARIInputError, match="positive integers"):
         model.to(DEVICE).enable_cuda_graphs((0,))
+    with pytest.raises(QuARIInputError, match="precision must be one of"):
+        model.to(DEVICE).enable_cuda_graphs((1,), precision="fp8")
     assert model.disable_cuda_graphs() is model
     with torch.inference_mode():
         assert model(torch.randn(3, 24)).U.shape == (3, 24, 4)

@@ -309,21 +309,29 @@ class QuARIModel(nn.Module):
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def enable_cuda_graphs(
-        self, batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32), *, compile: bool = False
+        self,
+        batch_sizes: Iterable[int] = (1, 2, 4, 8, 16, 32),
+        *,
+        compile: bool = False,
+        precision: str = "fp32",
     ) -> QuARIModel:
         """Captures the forward pass as CUDA graphs, one per batch size, for low latency.
 
         Afterwards ``model(q)`` replays the smallest captured graph that holds the batch
         (padding it) whenever the model is on CUDA, in eval mode and not tracking gradients,
         and returns an ordinary :class:`~quari.adaptation.Adaptation` — the same numbers as
-        the eager pass. Larger batches, training and autograd run eagerly. Validation and
-        normalisation of the queries stay outside the graph. Moving or casting the model
+        the eager pass in ``"fp32"`` precision. Larger batches, training and autograd run
+        eagerly. Validation and normalisation of the queries stay outside the graph. Moving
+        or casting the model
         (``.to()``, ``.half()``…) drops the graphs; enable them again afterwards.
 
         Args:
             batch_sizes: The batch sizes to capture (each costs one graph's activations).
             compile: Capture the ``torch.compile``-fused forward pass (fewer kernels per
                 replay; each batch size compiles once, tens of seconds, when enabling).
+            precision: ``"fp32"`` (the eager numbers), ``"tf32"`` or ``"bf16"`` (tensor-core
+                arithmetic inside the graph: faster, slightly different q′, U, V — see
+                :class:`~quari.kernels.graphs.GraphedForward`).
 
         Returns:
             The model itself.
@@ -341,7 +349,7 @@ class QuARIModel(nn.Module):
         from quari.kernels.graphs import GraphedForward
 
         self._cuda_graphs = None
-        self._cuda_graphs = GraphedForward(self, batch_sizes, compile=compile)
+        self._cuda_graphs = GraphedForward(self, batch_sizes, compile=compile, precision=precision)
         return self
 
     def disable_cuda_graphs(self) -> QuARIModel:

@@ -18,7 +18,9 @@ import torch
 
 from quari.validation import QuARIInputError
 
-__all__ = ["GraphedForward"]
+__all__ = ["PRECISIONS", "GraphedForward"]
+
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 class GraphedForward:
@@ -33,6 +35,9 @@ class GraphedForward:
         compile: Capture ``torch.compile``'s fused version of the forward pass instead of the
             eager one: fewer, larger kernels per replay, at the cost of a compilation per
             batch size (tens of seconds each) when enabling.
+        precision: Arithmetic of the captured pass: ``"fp32"`` (as eager), ``"tf32"``
+            (fp32 matrix products on tensor cores, ~1e-3 relative error) or ``"bf16"``
+            (autocast; ~1e-2 relative error in q′, U, V). Outputs are fp32 in every case.
 
     Raises:
         RuntimeError: the model is not on CUDA.
@@ -40,8 +45,16 @@ class GraphedForward:
     """
 
     def __init__(
-        self, model, batch_sizes: Iterable[int], warmup: int = 2, compile: bool = False
+        self,
+        model,
+        batch_sizes: Iterable[int],
+        warmup: int = 2,
+        compile: bool = False,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise QuARIInputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
         sizes = sorted(set(_check_size(b) for b in batch_sizes), reverse=True)
         if not sizes:
             raise QuARIInputError("batch_sizes: give at least one batch size to capture")
@@ -64,10 +77,27 @@ class GraphedForward:
         self.batch_sizes = tuple(sorted(self._graphs))
 
     def _capture(self, model, sizes: list[int], warmup: int, compile: bool) -> None:
-        predict = model._predict
+        base = model._predict
         if compile:
             # Static shapes: one specialised compilation per captured batch size.
-            predict = torch.compile(model._predict, dynamic=False)
+            base = torch.compile(model._predict, dynamic=False)
+        precision = self.precision
+
+        def predict(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            # The kernels recorded at capture time are what every replay runs, so the
+            # precision switches only need to hold while capturing.
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = base(q)
+            return tuple(t.float() for t in out)
+
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32" or tf32
+        try:
+            self._record(model, sizes, warmup, predict)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    def _record(self, model, sizes: list[int], warmup: int, predict) -> None:
         # Largest first, sharing one memory pool: every output is cloned right after its
         # replay, so graphs that reuse each other's intermediate memory cannot clash.
         pool = torch.cuda.graph_pool_handle()

@@ -138,6 +138,8 @@ def scan_topk(
             if scores is None:
                 scores = _torch_scores(adaptation, part, block_rows)
             finite = torch.isfinite(scores).all()  # checked after the top-k is queued
+            # One radix select per segment: measured faster on an H200 than a two-stage
+            # (per-slice, then survivors) selection at every shape that matters here.
             top = torch.topk(scores, min(k, part.shape[0]), dim=1)
             _check_finite(finite, part, offset + start)
             best.add(top.values, top.indices + (offset + start))
