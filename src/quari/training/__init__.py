@@ -1,0 +1,1 @@
+"""Training QuARI hypernetworks over embedding sets (issue 4)."""
