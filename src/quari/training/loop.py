@@ -43,10 +43,9 @@ __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
 
 CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
-# Fields that may change when a run is resumed (they do not change what is computed).
+# Fields that may change when a run is resumed (they do not change what is computed). The run
+# length is not among them: the learning-rate schedule is laid out over it.
 _RESUMABLE_CHANGES = {
-    "max_steps",
-    "max_epochs",
     "progress",
     "num_workers",
     "log_every",
