@@ -37,7 +37,7 @@ from quari.fileio import atomic_write
 from quari.training.config import TrainConfig
 from quari.training.data import ResumableBatchSampler, ResumableLoader, TrainingData
 from quari.training.errors import TrainingError
-from quari.training.module import QuARITrainingModule
+from quari.training.module import QuARITrainingModule, retrieval_metrics
 
 __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
 
@@ -353,11 +353,14 @@ def train(
         ckpt_path=None if ckpt is None else str(ckpt),
         weights_only=True,
     )
-    return _export(config)
+    return _export(config, (queries, gallery, target))
 
 
-def _export(config: TrainConfig) -> TrainResult:
-    """Copies the best (or last) model-folder checkpoint to ``config.out``."""
+def _export(
+    config: TrainConfig, validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> TrainResult:
+    """Copies the best (or last) model-folder checkpoint to ``config.out``; a run too short
+    to have validated is validated here, so the model card always carries metrics."""
     folder = config.out / CHECKPOINTS
     steps = sorted(folder.glob("step-*"))
     if not steps:
@@ -369,6 +372,9 @@ def _export(config: TrainConfig) -> TrainResult:
     model = load(chosen)
     final_steps = int(load(last).metadata.get("steps", 0))
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
+    if not model.metadata.get("metrics"):
+        metrics = retrieval_metrics(model, *validation)
+        model.metadata["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
     save(model, config.out)
     metrics = {k: float(v) for k, v in (model.metadata.get("metrics") or {}).items()}
     return TrainResult(config.out, final_steps, metrics, exported)

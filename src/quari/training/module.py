@@ -24,7 +24,7 @@ from quari.training.distributed import any_rank, gather_cat, gather_cat_with_gra
 from quari.training.errors import TrainingError
 from quari.training.loss import add_query_noise, quari_loss
 
-__all__ = ["QuARITrainingModule", "WarmupCosine", "step_seed"]
+__all__ = ["QuARITrainingModule", "WarmupCosine", "retrieval_metrics", "step_seed"]
 
 RECALL_AT = (1, 5, 10)
 
@@ -165,15 +165,7 @@ class QuARITrainingModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         queries, target = batch
-        # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
-        with torch.autocast(queries.device.type, enabled=False):
-            ad = self.model(queries.float())
-            ad = Adaptation(
-                ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
-            )
-            adapted = _ranks(ad.score(self.val_gallery), target)
-            cosine = _ranks(queries.float() @ self.val_gallery.T, target)
-        self._val_stats.append(torch.stack([_stats(adapted), _stats(cosine)]))
+        self._val_stats.append(_batch_stats(self.model, queries, self.val_gallery, target))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_stats:
@@ -184,6 +176,51 @@ class QuARITrainingModule(L.LightningModule):
         adapted, cosine = _metrics(stats[0]), _metrics(stats[1])
         self.log_dict({f"val/{k}": v for k, v in adapted.items()}, sync_dist=False)
         self.log_dict({f"baseline/{k}": v for k, v in cosine.items()}, sync_dist=False)
+
+
+def _batch_stats(
+    model: QuARIModel, queries: torch.Tensor, gallery: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """(2, k) rank statistics of one query batch: adapted scores, then plain cosine."""
+    # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
+    with torch.autocast(queries.device.type, enabled=False):
+        ad = model(queries.float())
+        ad = Adaptation(
+            ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
+        )
+        adapted = _ranks(ad.score(gallery), target)
+        cosine = _ranks(queries.float() @ gallery.T, target)
+    return torch.stack([_stats(adapted), _stats(cosine)])
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    model: QuARIModel,
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    target: torch.Tensor,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Validation metrics of ``model`` (``val/…``) and of plain cosine (``baseline/…``).
+
+    Args:
+        model: The hypernetwork (put in eval mode here).
+        queries: (Q, E) unit query embeddings.
+        gallery: (G, E) unit image embeddings.
+        target: (Q,) each query's relevant gallery row.
+        batch_size: Queries per forward pass.
+
+    Returns:
+        ``val/recall@{1,5,10}``, ``val/mAP`` and the same ``baseline/…`` keys.
+    """
+    model.eval()
+    stats = sum(
+        _batch_stats(model, queries[i : i + batch_size], gallery, target[i : i + batch_size])
+        for i in range(0, queries.shape[0], batch_size)
+    )
+    out = {f"val/{k}": v for k, v in _metrics(stats[0]).items()}
+    out.update({f"baseline/{k}": v for k, v in _metrics(stats[1]).items()})
+    return out
 
 
 def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
