@@ -175,3 +175,14 @@ def test_a_missing_image_key_is_named(tmp_path):
     planted(tmp_path / "s", 20)
     with pytest.raises(QuARIInputError, match="no metadata column 'photo'"):
         TrainingData.from_config(config(tmp_path, str(tmp_path / "s"), image_key="photo"))
+
+
+def test_string_image_keys_group_rows(tmp_path):
+    data = planted_pairs(SPEC, 10, captions_per_image=2, seed=0)
+    eset = EmbeddingSet.create(tmp_path / "s", dim=24, encoder="synthetic:planted")
+    keys = [f"img-{i // 2:03d}.jpg" for i in range(20)]
+    eset.append(data.images[data.image_of_text], {"file": keys}, data.texts)
+    cfg = config(tmp_path, str(tmp_path / "s"), image_key="file", val_fraction=0.2, semipos=False)
+    src = TrainingData.from_config(cfg).sources[0]
+    np.testing.assert_array_equal(src.groups, np.arange(20) // 2)
+    assert src.val_rows.size == 4 and src.train_rows.size == 16

@@ -87,12 +87,11 @@ def _groups(eset: EmbeddingSet, image_key: str | None) -> np.ndarray:
             f"{eset.root}: no metadata column {image_key!r} (image key); columns: {names}"
         )
     values = np.concatenate(
-        [
-            np.asarray(eset.metadata_table(s).column(image_key).to_pylist(), dtype=object)
-            for s in eset.shards
-        ]
+        [eset.metadata_table(s).column(image_key).to_numpy() for s in eset.shards]
     )
-    _, first, inverse = np.unique(values.astype(str), return_index=True, return_inverse=True)
+    if values.dtype == object:  # strings (or mixed): compare as text
+        values = values.astype(str)
+    _, first, inverse = np.unique(values, return_index=True, return_inverse=True)
     # Renumber in order of first appearance, so ids do not depend on how keys sort.
     rank = np.empty_like(first)
     rank[np.argsort(first, kind="stable")] = np.arange(first.size)
