@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -161,6 +162,8 @@ def main() -> None:
         "model": cfg.to_dict(),
         "precision": "fp32",
         "semipositives_per_query": 2,
+        # Other processes compete for the CPUs on shared machines: record how busy it was.
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

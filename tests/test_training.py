@@ -75,7 +75,9 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
     the pure low-rank paper variant learns from scratch and needs a far longer schedule),
     and noise scale 0.1 (full LinCIR noise has norm ≈ √E · s, which swamps a 64-d query).
     """
-    start = time.perf_counter()
+    # CPU time, not wall time: on a shared 2-core machine other processes can stretch the
+    # wall clock several-fold (measured alone: ≈ 20 s wall, one thread, so wall ≈ CPU).
+    start = time.process_time()
     spec = PlantedSpec()  # E = 64, nuisance 1.4: cosine recall@1 ≈ 0.4 over 200 images
     write_planted_set(tmp_path / "set", 1500, spec, captions_per_image=2)
     cfg = TrainConfig(
@@ -100,7 +102,7 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
         early_stopping_patience=None,
     )
     result = train(cfg)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
 
     m = result.metrics
     assert result.steps == 300 and result.exported == "best"
@@ -122,7 +124,7 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
     assert "pairs" in model.metadata["data"] and model.metadata["steps"] == result.steps
     card = (cfg.out / "README.md").read_text()
     assert "synthetic:planted" in card and "val/recall@1" in card
-    assert elapsed < 90, f"end-to-end took {elapsed:.0f} s"
+    assert elapsed < 90, f"end-to-end took {elapsed:.0f} s of CPU time"
 
 
 class Kill(Callback):
