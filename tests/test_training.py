@@ -97,6 +97,7 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
         noise_scale=0.1,
         checkpoint_every=100,
         val_every_steps=100,
+        log_every=10,
         mining=MiningConfig(k=20),
         progress=False,
         early_stopping_patience=None,
