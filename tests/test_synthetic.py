@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from quari.eval.synthetic import ClusteredSpec, clustered_vectors, write_clustered_set
+from quari.eval.synthetic import (
+    ClusteredSpec,
+    PlantedSpec,
+    clustered_vectors,
+    planted_pairs,
+    write_clustered_set,
+    write_planted_set,
+)
 from quari.store import EmbeddingSet
 
 
@@ -26,3 +33,45 @@ def test_written_set_reopens_with_metadata(tmp_path):
     x = eset.gather(np.arange(1050)).astype(np.float32)
     c = spec.centroids()
     assert (np.argmax(x @ c.T, axis=1) == np.asarray(meta.column("cluster"))).mean() > 0.99
+
+
+def _recall_at_1(texts, images, truth, project=None):
+    if project is None:
+        scores = texts @ images.T
+    else:  # per caption: cosine inside the subspace its cluster's projection keeps
+        scores = np.stack([project(t) for t in range(len(texts))])
+    return float((scores.argmax(1) == truth).mean())
+
+
+def test_planted_structure_defeats_cosine_but_not_the_query_specific_projection():
+    for nuisance, low, high in [(1.0, 0.65, 0.9), (1.4, 0.3, 0.55)]:
+        spec = PlantedSpec(nuisance=nuisance, query_nuisance=nuisance)
+        d = planted_pairs(spec, 200, seed=2)
+        np.testing.assert_allclose(np.linalg.norm(d.texts, axis=1), 1.0, rtol=1e-5)
+
+        def oracle(t, d=d, spec=spec):
+            basis = spec.subspace_basis(d.cluster[d.image_of_text[t]])
+            z = d.images @ basis
+            return z @ (basis.T @ d.texts[t]) / np.linalg.norm(z, axis=1)
+
+        cosine = _recall_at_1(d.texts, d.images, d.image_of_text)
+        assert low < cosine < high, (nuisance, cosine)  # the margin knob works
+        assert _recall_at_1(d.texts, d.images, d.image_of_text, oracle) > 0.97
+    # One static projection for all queries (cluster 0's subspace) does not rescue cosine.
+    basis = spec.subspace_basis(0)
+    static = (d.texts @ basis) @ (d.images @ basis).T
+    other = d.cluster[d.image_of_text] != 0
+    assert (static.argmax(1) == d.image_of_text)[other].mean() < 0.2
+
+
+def test_planted_set_groups_captions_by_image(tmp_path):
+    eset = write_planted_set(
+        tmp_path / "p", 30, PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4), captions_per_image=3
+    )
+    assert eset.rows == 90 and eset.has_text
+    meta = eset.metadata(np.arange(90))
+    assert meta.column("image_id").to_pylist() == [i // 3 for i in range(90)]
+    img = eset.gather(np.arange(90))
+    assert (img.reshape(30, 3, -1) == img[::3, None]).all()  # the image repeats per caption
+    txt = eset.gather(np.arange(90), "text")
+    assert not (txt.reshape(30, 3, -1) == txt[::3, None]).all()  # captions differ

@@ -1,6 +1,7 @@
 """The ``quari`` command line (typer). A thin layer: every command calls the library.
 
-Commands live in one module per area (``search.py``: sets, indexes, search); each registers on
+Commands live in one module per area (``search.py``: sets, indexes, search; ``train.py``:
+mine, train); each registers on
 the shared :data:`app`. Errors the library raises on bad input (wrong dimensions, corrupt files,
 stale indexes …) are printed as one line naming the problem, with exit code 2 — no traceback.
 """
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` (imported last: they import from here).
-from quari.cli import search  # noqa: E402, F401
+from quari.cli import search, train  # noqa: E402, F401

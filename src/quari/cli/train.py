@@ -1,0 +1,165 @@
+"""Commands for training: ``quari mine`` (semi-positives) and ``quari train``.
+
+Lightning is imported inside ``train`` only, so other commands start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from quari.cli import app, console, err_console, friendly_errors
+from quari.store import EmbeddingSet
+from quari.training.config import TrainConfig, TrainSource
+from quari.training.errors import TrainingError
+from quari.training.mining import MiningConfig, mine_semipositives
+
+
+def training_errors(fn: Any) -> Any:
+    """Training stops (NaN loss, run folders) print one line and exit 2, like input errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TrainingError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def mine(
+    set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")],
+    k: Annotated[int, typer.Option(help="Neighbours in the softmax.")] = 100,
+    keep: Annotated[int, typer.Option(help="Neighbours kept as semi-positives.")] = 2,
+    temperature: Annotated[float, typer.Option(help="τ of softmax(sims / τ).")] = 0.07,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory (default: Flat, IVF for large sets).")
+    ] = None,
+    nprobe: Annotated[int, typer.Option(help="IVF lists probed per query.")] = 64,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace stale semi-positives (other parameters or data).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Mine semi-positives (nearest backbone neighbours) beside an embedding set; resumable."""
+    eset = EmbeddingSet.open(set_path)
+    config = MiningConfig(k=k, keep=keep, temperature=temperature, factory=factory, nprobe=nprobe)
+    semi = mine_semipositives(eset, config, overwrite=overwrite, progress=not quiet)
+    found = int((semi.ids >= 0).all(axis=1).sum())
+    console.print(
+        f"mined {keep} semi-positives for {found:,} of {eset.rows:,} rows "
+        f"(k={k}, τ={temperature:g}, {config.factory_for(eset.rows)}) → {eset.root / 'semipos'}"
+    )
+
+
+@app.command("train")
+@friendly_errors
+@training_errors
+def train_command(
+    train: Annotated[
+        list[str],
+        typer.Option("--train", help="Training set, optionally SET:ratio (repeatable)."),
+    ],
+    out: Annotated[Path, typer.Option(help="Output folder (model, checkpoints, logs).")],
+    val: Annotated[
+        Path | None,
+        typer.Option(help="Validation set (default: hold out images of the training sets)."),
+    ] = None,
+    image_key: Annotated[
+        str | None, typer.Option(help="Metadata column grouping the captions of one image.")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(help="Images held out for validation.")] = 0.05,
+    preset: Annotated[str, typer.Option(help="paper (cosine 1e-5) or reference (OneCycle).")] = (
+        "paper"
+    ),
+    variant: Annotated[
+        str | None, typer.Option(help="Model variant: paper or reference (default: preset's).")
+    ] = None,
+    rank: Annotated[int, typer.Option(help="Rank r of the map.")] = 64,
+    hidden_dim: Annotated[int, typer.Option(help="Transformer width H.")] = 512,
+    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
+    steps: Annotated[int, typer.Option("--steps", help="Refinement steps L.")] = 4,
+    single_step: Annotated[
+        bool, typer.Option(help="Ablation: one refinement step (w/o iterative generation).")
+    ] = False,
+    no_semipos: Annotated[bool, typer.Option(help="Ablation: no semi-positives.")] = False,
+    no_noise: Annotated[bool, typer.Option(help="Ablation: no query noise.")] = False,
+    noise_scale: Annotated[float, typer.Option(help="Query-noise scale.")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device per step.")] = 320,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: preset).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (else epochs).")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs when --max-steps is not given.")] = 10,
+    warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (cosine).")] = None,
+    patience: Annotated[
+        int, typer.Option(help="Early-stopping patience in validations (0: off).")
+    ] = 5,
+    val_every: Annotated[
+        int | None, typer.Option(help="Validate every N steps (default: each epoch).")
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 1000,
+    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 50,
+    devices: Annotated[int, typer.Option(help="Devices (GPUs); >1 runs DDP.")] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
+    accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu …")] = "auto",
+    precision: Annotated[
+        str | None, typer.Option(help="Lightning precision (default: bf16-mixed on GPU).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed (init, data order, noise, split).")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a QuARI model on caption ↔ image pairs of embedding sets."""
+    from quari.training.loop import train as run_training
+
+    config = TrainConfig(
+        train=tuple(TrainSource.parse(t) for t in train),
+        out=out,
+        val=val,
+        image_key=image_key,
+        val_fraction=val_fraction,
+        preset=preset,
+        variant=variant,
+        rank=rank,
+        hidden_dim=hidden_dim,
+        num_layers=layers,
+        num_heads=heads,
+        num_steps=1 if single_step else steps,
+        semipos=not no_semipos,
+        noise_scale=0.0 if no_noise else noise_scale,
+        batch_size=batch_size,
+        lr=lr,
+        max_steps=max_steps,
+        max_epochs=epochs,
+        warmup_steps=warmup_steps,
+        early_stopping_patience=patience or None,
+        val_every_steps=val_every,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        devices=devices,
+        num_nodes=num_nodes,
+        accelerator=accelerator,
+        precision=precision,
+        seed=seed,
+        num_workers=workers,
+        progress=not quiet,
+    )
+    result = run_training(config, resume=resume)
+    m = result.metrics
+    summary = ", ".join(
+        f"{name} {m[f'val/{name}']:.3f} (cosine {m[f'baseline/{name}']:.3f})"
+        for name in ("recall@1", "recall@10", "mAP")
+        if f"val/{name}" in m and f"baseline/{name}" in m
+    )
+    console.print(
+        f"trained {result.steps:,} steps → {result.model_dir} ({result.exported} weights)"
+        + (f"; validation {summary}" if summary else "")
+    )

@@ -1,0 +1,244 @@
+"""Training configuration: one dataclass, two presets (PAPER.md §3.5, ambiguity A5).
+
+``preset="paper"`` (default): AdamW (weight decay 1e-2), learning rate 1e-5 with linear warm-up
+and a cosine decay to 2e-7, gradient clipping 1.0, batch 320, the paper variant of the model.
+
+``preset="reference"``: the reference code's recipe — OneCycleLR with max_lr 5e-4,
+pct_start 0.01, div_factor 25, final_div_factor 20 (cosine), gradient clipping 1.0, batch 320,
+and the reference variant of the model (T = I + α Û V̂ᵀ).
+
+Fields left as ``None`` take the preset's value; anything set explicitly wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from quari.hypernet import HyperNetConfig
+from quari.training.mining import MiningConfig
+from quari.validation import QuARIInputError
+
+__all__ = ["PRESETS", "TrainConfig", "TrainSource"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"schedule": "cosine", "lr": 1e-5, "variant": "paper"},
+    "reference": {"schedule": "onecycle", "lr": 5e-4, "variant": "reference"},
+}
+
+
+@dataclass(frozen=True)
+class TrainSource:
+    """One training embedding set and its share of the mixture.
+
+    Args:
+        path: The embedding set folder (needs ``text_emb``: caption ↔ image pairs).
+        ratio: Relative share of training pairs drawn from this set. Give a ratio for every
+            source or for none; with none, sets contribute in proportion to their size.
+
+    Example:
+        >>> TrainSource.parse("data/coco:0.7")
+        TrainSource(path=PosixPath('data/coco'), ratio=0.7)
+    """
+
+    path: Path
+    ratio: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike[str]) -> TrainSource:
+        """Parses ``SET`` or ``SET:ratio`` (a path may itself contain ':')."""
+        text = str(spec)
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                ratio = float(tail)
+            except ValueError:
+                return cls(Path(text))
+            if not ratio > 0:
+                raise QuARIInputError(f"--train {text}: the ratio must be positive, got {tail}")
+            return cls(Path(head), ratio)
+        return cls(Path(text))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Library entry point: :func:`quari.training.train`.
+
+    Args:
+        train: Training sets (caption ↔ image pairs), optionally with mixture ratios.
+        out: Output folder: the exported model folder, ``checkpoints/``, ``logs/``.
+        val: Validation set. None: hold out ``val_fraction`` of the images of every training
+            set; one of the training sets: hold out part of that set only; another set: use it
+            whole. Splits are by image (``image_key``), never by caption.
+        image_key: Metadata column that groups the caption rows of one image (COCO: 5 rows,
+            one per caption, sharing an ``image_id``). None: every row is its own image.
+        val_fraction: Share of images held out when validation comes from a training set.
+        val_max_queries: Cap on validation queries (whole images are dropped to meet it).
+        preset: ``"paper"`` or ``"reference"`` (see the module docstring).
+        variant: Model variant, ``"paper"`` or ``"reference"`` (default: the preset's).
+        rank, hidden_dim, num_layers, num_heads, num_steps, dropout: Model shape
+            (:class:`~quari.hypernet.HyperNetConfig`); ``num_steps=1`` is the "w/o iterative
+            generation" ablation.
+        batch_size: Pairs per device per step; with N devices each query sees N·batch_size
+            in-batch images (gathered across ranks).
+        lr: Peak learning rate (default: the preset's, 1e-5 paper / 5e-4 reference).
+        min_lr: Floor of the paper's cosine schedule.
+        warmup_steps: Linear warm-up steps of the cosine schedule (default: 1 % of the run).
+        schedule: ``"cosine"`` (paper) or ``"onecycle"`` (reference) (default: the preset's).
+        weight_decay: AdamW weight decay.
+        grad_clip: Gradient-norm clipping (0 disables).
+        max_steps: Optimiser steps to run (None: ``max_epochs`` epochs).
+        max_epochs: Epochs when ``max_steps`` is None.
+        epoch_pairs: Training pairs per epoch (default: all training pairs once).
+        temperature: τ of the contrastive loss.
+        semipos: Use semi-positives (False is the "w/o semi-positives" ablation).
+        mining: How semi-positives are mined (mined on first use if missing).
+        normalize_targets: Renormalise each query's target row (1 + Σw) to sum to 1.
+        noise_scale: LinCIR query-noise scale (0 is the "w/o noise" ablation).
+        seed: Seeds the model init, the data order, the noise and the validation split.
+        devices, num_nodes, accelerator, strategy: Lightning ``Trainer`` placement;
+            ``strategy="auto"`` picks DDP when more than one device or node is used.
+        precision: Lightning precision; None: ``"bf16-mixed"`` on a CUDA device that
+            supports it, else ``"32-true"``.
+        checkpoint_every: Save the resumable Lightning checkpoint and a model-folder
+            checkpoint every this many steps.
+        keep_checkpoints: Model-folder checkpoints kept (oldest deleted first).
+        val_every_steps: Validate every this many steps (None: at the end of each epoch).
+        early_stopping_patience: Validations without a better validation mAP before
+            stopping (None disables early stopping).
+        log_every: Log training metrics every this many steps.
+        num_workers: DataLoader worker processes (0 gathers in the training process).
+        progress: Show a progress bar.
+        export: Export the ``"best"`` (validation mAP) or the ``"last"`` weights to ``out``.
+
+    Example:
+        >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"))
+        >>> cfg.lr, cfg.schedule, cfg.variant
+        (1e-05, 'cosine', 'paper')
+    """
+
+    train: tuple[TrainSource, ...]
+    out: Path
+    val: Path | None = None
+    image_key: str | None = None
+    val_fraction: float = 0.05
+    val_max_queries: int = 5000
+    preset: Literal["paper", "reference"] = "paper"
+    variant: Literal["paper", "reference"] | None = None
+    rank: int = 64
+    hidden_dim: int = 512
+    num_layers: int = 4
+    num_heads: int = 8
+    num_steps: int = 4
+    dropout: float = 0.0
+    batch_size: int = 320
+    lr: float | None = None
+    min_lr: float = 2e-7
+    warmup_steps: int | None = None
+    schedule: Literal["cosine", "onecycle"] | None = None
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_epochs: int = 10
+    epoch_pairs: int | None = None
+    temperature: float = 0.07
+    semipos: bool = True
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    normalize_targets: bool = False
+    noise_scale: float = 1.0
+    seed: int = 0
+    devices: int = 1
+    num_nodes: int = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    precision: str | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    val_every_steps: int | None = None
+    early_stopping_patience: int | None = 5
+    log_every: int = 50
+    num_workers: int = 0
+    progress: bool = True
+    export: Literal["best", "last"] = "best"
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise QuARIInputError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        object.__setattr__(self, "train", tuple(self.train))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.val is not None:
+            object.__setattr__(self, "val", Path(self.val))
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not self.train:
+            raise QuARIInputError("give at least one training set")
+        ratios = [s.ratio is not None for s in self.train]
+        if any(ratios) and not all(ratios):
+            raise QuARIInputError(
+                "give a mixture ratio for every --train set (SET:ratio) or for none"
+            )
+        if self.schedule not in ("cosine", "onecycle"):
+            raise QuARIInputError(f"schedule must be 'cosine' or 'onecycle', got {self.schedule}")
+        if self.export not in ("best", "last"):
+            raise QuARIInputError(f"export must be 'best' or 'last', got {self.export!r}")
+        positive = ["batch_size", "max_epochs", "checkpoint_every", "log_every", "devices"]
+        positive += ["num_nodes", "val_max_queries", "keep_checkpoints"]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuARIInputError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_steps", "epoch_pairs", "val_every_steps", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise QuARIInputError(f"{name} must be a positive integer or None, got {value!r}")
+        if not 0 < self.val_fraction < 1:
+            raise QuARIInputError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        for name in ("lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise QuARIInputError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("min_lr", "weight_decay", "grad_clip", "noise_scale"):
+            if not getattr(self, name) >= 0:
+                raise QuARIInputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise QuARIInputError(f"num_workers must be ≥ 0, got {self.num_workers}")
+        self.model_config(8 * self.rank)  # shape checks (heads divide width …) fail early
+
+    def model_config(self, embedding_dim: int) -> HyperNetConfig:
+        """The :class:`HyperNetConfig` for a backbone of dimension ``embedding_dim``."""
+        return HyperNetConfig(
+            embedding_dim=embedding_dim,
+            rank=self.rank,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_steps=self.num_steps,
+            dropout=self.dropout,
+            variant=self.variant,
+        )
+
+    def with_(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (presets are re-applied to fields set to None)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        data = asdict(self)
+        data["train"] = [{"path": str(s.path), "ratio": s.ratio} for s in self.train]
+        data["out"] = str(self.out)
+        data["val"] = None if self.val is None else str(self.val)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise QuARIInputError(f"unknown TrainConfig field(s) {unknown}")
+        data = dict(data)
+        data["train"] = tuple(TrainSource(Path(s["path"]), s["ratio"]) for s in data["train"])
+        data["mining"] = MiningConfig(**data.get("mining", {}))
+        return cls(**data)

@@ -1,0 +1,119 @@
+"""`quari mine` and `quari train`: a short run with ablation switches, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from quari.checkpoint import load
+from quari.eval.synthetic import PlantedSpec, write_planted_set
+from quari.store import EmbeddingSet
+from quari.training import load_semipositives
+from quari.training.mining import MiningConfig
+
+from helpers import make_set
+
+runner = CliRunner()
+SPEC = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
+
+
+@pytest.fixture
+def app():
+    from quari.cli import app
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield app
+    torch.set_num_threads(before)
+
+
+def tiny_args(tmp_path, *extra):
+    return [
+        "train",
+        "--train",
+        str(tmp_path / "set"),
+        "--out",
+        str(tmp_path / "run"),
+        "--image-key",
+        "image_id",
+        "--val-fraction",
+        "0.2",
+        "--rank",
+        "4",
+        "--hidden-dim",
+        "16",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--lr",
+        "1e-3",
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_mine_writes_semipositives_and_resumes(app, tmp_path):
+    write_planted_set(tmp_path / "set", 40, SPEC, captions_per_image=2)
+    out = runner.invoke(app, ["mine", str(tmp_path / "set"), "--k", "10", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert "mined 2 semi-positives for 80 of 80 rows (k=10" in out.output
+    semi = load_semipositives(EmbeddingSet.open(tmp_path / "set"), MiningConfig(k=10))
+    assert semi.ids.shape == (80, 2)
+    out = runner.invoke(app, ["mine", str(tmp_path / "set"), "--k", "12", "--quiet"])
+    assert out.exit_code == 2 and "stale" in out.output and "--overwrite" in out.output
+    out = runner.invoke(app, ["mine", str(tmp_path / "set"), "--k", "12", "--overwrite", "--quiet"])
+    assert out.exit_code == 0, out.output
+
+
+def test_train_with_ablation_switches_then_resume(app, tmp_path):
+    write_planted_set(tmp_path / "set", 50, SPEC, captions_per_image=2)
+    args = tiny_args(tmp_path, "--no-semipos", "--no-noise", "--single-step", "--seed", "3")
+    out = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
+    assert out.exit_code == 0, out.output
+    assert "trained 4 steps" in out.output and "cosine" in out.output
+    model = load(tmp_path / "run")
+    assert model.config.num_steps == 1 and model.config.rank == 4
+    assert model.config.variant == "reference"
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["semipos"] is False and saved["noise_scale"] == 0.0 and saved["seed"] == 3
+    assert not (tmp_path / "set" / "semipos").exists()  # no mining without semi-positives
+    again = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = runner.invoke(
+        app, [*args, "--variant", "reference", "--preset", "reference", "--resume"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_train_errors_are_one_line(app, tmp_path):
+    write_planted_set(tmp_path / "set", 30, SPEC, captions_per_image=1)
+    make_set(tmp_path / "other", shards=(30,), dim=24, text=True, encoder="other-encoder")
+    out = runner.invoke(
+        app, [*tiny_args(tmp_path, "--no-semipos"), "--train", str(tmp_path / "other")]
+    )
+    assert out.exit_code == 2 and "encoder 'other-encoder'" in out.output
+    assert "Traceback" not in out.output
+    make_set(tmp_path / "notext", shards=(30,), dim=24, text=False, encoder="synthetic:planted")
+    out = runner.invoke(app, [*tiny_args(tmp_path), "--val", str(tmp_path / "notext")])
+    assert out.exit_code == 2 and "no text embeddings" in out.output
+    out = runner.invoke(app, tiny_args(tmp_path, "--resume"))
+    assert out.exit_code == 2 and "no checkpoint to resume from" in out.output
+    out = runner.invoke(app, [*tiny_args(tmp_path), "--train", f"{tmp_path / 'set'}:0.5"])
+    assert out.exit_code == 2 and "ratio" in out.output
+
+
+def test_help_lists_the_switches(app):
+    out = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0
+    for flag in ("--no-semipos", "--no-noise", "--single-step", "--devices", "--resume"):
+        assert flag in out.output

@@ -1,0 +1,303 @@
+"""The training loop end to end: learning planted structure, kill/resume, DDP, NaN loss."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from quari import Adaptation, QuARIModel
+from quari.checkpoint import load
+from quari.eval.synthetic import PlantedSpec, planted_pairs, write_planted_set
+from quari.training import MiningConfig, TrainConfig, TrainingError, TrainSource, train
+from quari.training.distributed import gather_cat, gather_cat_with_grad
+from quari.training.loss import quari_loss
+from quari.training.module import QuARITrainingModule
+
+from helpers import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On 2 shared cores one intra-op thread is several times faster for these small models.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMALL = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
+
+
+def small_run(tmp_path: Path, **kw) -> TrainConfig:
+    """A tiny model on a tiny planted set: a few steps take well under a second."""
+    if not (tmp_path / "set").exists():
+        write_planted_set(tmp_path / "set", 60, SMALL, captions_per_image=2)
+    fields = dict(
+        train=(TrainSource(tmp_path / "set"),),
+        out=tmp_path / "run",
+        image_key="image_id",
+        val_fraction=0.2,
+        preset="reference",
+        rank=4,
+        hidden_dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_steps=2,
+        batch_size=8,
+        lr=1e-3,
+        epoch_pairs=40,  # 5 steps per epoch
+        max_steps=14,
+        checkpoint_every=4,
+        log_every=1,
+        mining=MiningConfig(k=10),
+        progress=False,
+        early_stopping_patience=50,
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
+
+
+def test_training_beats_cosine_on_planted_structure(tmp_path):
+    """Acceptance: a small model trained for 300 steps beats the frozen cosine baseline on
+    held-out queries by a clear margin (recall@1 + 0.2; measured ≈ +0.35), in under 90 s.
+
+    Settings the test needs (stated in the issue): lr 1e-3 (the paper's 1e-5 would not move
+    in 300 steps), the reference variant (T = I + α Û V̂ᵀ starts at the cosine baseline;
+    the pure low-rank paper variant learns from scratch and needs a far longer schedule),
+    and noise scale 0.1 (full LinCIR noise has norm ≈ √E · s, which swamps a 64-d query).
+    """
+    # CPU time, not wall time: on a shared 2-core machine other processes can stretch the
+    # wall clock several-fold (measured alone: ≈ 20 s wall, one thread, so wall ≈ CPU).
+    start = time.process_time()
+    spec = PlantedSpec()  # E = 64, nuisance 1.4: cosine recall@1 ≈ 0.4 over 200 images
+    write_planted_set(tmp_path / "set", 1500, spec, captions_per_image=2)
+    cfg = TrainConfig(
+        train=(TrainSource(tmp_path / "set"),),
+        out=tmp_path / "run",
+        image_key="image_id",
+        val_fraction=0.15,
+        preset="reference",
+        rank=8,
+        hidden_dim=128,
+        num_layers=1,
+        num_heads=4,
+        num_steps=2,
+        batch_size=64,
+        lr=1e-3,
+        max_steps=300,
+        noise_scale=0.1,
+        checkpoint_every=100,
+        val_every_steps=100,
+        log_every=10,
+        mining=MiningConfig(k=20),
+        progress=False,
+        early_stopping_patience=None,
+    )
+    result = train(cfg)
+    elapsed = time.process_time() - start
+
+    m = result.metrics
+    assert result.steps == 300 and result.exported == "best"
+    assert m["val/recall@1"] >= m["baseline/recall@1"] + 0.2, m
+    assert m["val/mAP"] >= m["baseline/mAP"] + 0.15, m
+
+    # Fresh, never-seen images and captions of the same structure.
+    model = load(cfg.out)
+    held_out = planted_pairs(spec, 200, seed=99)
+    with torch.inference_mode():
+        scores = model(torch.from_numpy(held_out.texts)).score(torch.from_numpy(held_out.images))
+    cosine = Adaptation.identity(held_out.texts).score(held_out.images)
+    truth = torch.from_numpy(held_out.image_of_text)
+    adapted_r1 = (scores.argmax(1) == truth).float().mean().item()
+    cosine_r1 = (cosine.argmax(1) == truth).float().mean().item()
+    assert adapted_r1 >= cosine_r1 + 0.2, (adapted_r1, cosine_r1)
+
+    assert model.metadata["encoder"] == "synthetic:planted"
+    assert "pairs" in model.metadata["data"] and model.metadata["steps"] == result.steps
+    card = (cfg.out / "README.md").read_text()
+    assert "synthetic:planted" in card and "val/recall@1" in card
+    assert elapsed < 90, f"end-to-end took {elapsed:.0f} s of CPU time"
+
+
+class Kill(Callback):
+    """Stands in for a crash right after step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("every", "kill_at"),
+    [(4, 10), (5, 12)],
+    ids=["checkpoint-mid-epoch", "checkpoint-at-epoch-end"],
+)
+def test_kill_and_resume_gives_the_same_weights(tmp_path, every, kill_at):
+    """Exact equality on CPU: the data order, the noise and token dropout are functions of
+    the step, and optimiser, schedule, loop and early-stopping state are restored."""
+    whole = small_run(tmp_path, checkpoint_every=every, out=tmp_path / "whole")
+    train(whole)
+
+    broken = small_run(tmp_path, checkpoint_every=every, out=tmp_path / "broken")
+    with pytest.raises(RuntimeError, match="killed"):
+        train(broken, callbacks=[Kill(kill_at)])
+    assert not (broken.out / "config.json").exists()  # nothing exported from a dead run
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        train(broken)
+    result = train(broken, resume=True)
+    assert result.steps == 14
+
+    final = "checkpoints/step-00000014"
+    got, want = weights(broken.out / final), weights(whole.out / final)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    for key, value in weights(whole.out).items():  # the exported (best) weights too
+        assert torch.equal(weights(broken.out)[key], value), key
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
+    cfg = small_run(tmp_path, max_steps=2)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(cfg, resume=True)
+    train(cfg)
+    with pytest.raises(TrainingError, match=r"changed settings \['lr', 'max_steps'\]"):
+        train(cfg.with_(lr=1e-2, max_steps=4), resume=True)
+    # Settings that do not change the computation may differ; a finished run stays finished.
+    assert train(cfg.with_(progress=False, log_every=5), resume=True).steps == 2
+
+
+def test_nan_loss_stops_with_step_and_batch_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
+    original = QuARITrainingModule.compute_loss
+
+    def poisoned(self, adaptation, images, **kwargs):
+        out = original(self, adaptation, images, **kwargs)
+        if self.global_step == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(QuARITrainingModule, "compute_loss", poisoned)
+    cfg = small_run(tmp_path, checkpoint_every=2)
+    named = r"global step 3 \(epoch 0, batch 3; first pairs: set 0 row \d+"
+    with pytest.raises(TrainingError, match=named):
+        train(cfg)
+    good = load(cfg.out / "checkpoints" / "step-00000002")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    assert (cfg.out / "checkpoints" / "last.ckpt").is_file()
+    assert not (cfg.out / "config.json").exists()
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(B: int, E: int):
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(2 * B, E, generator=g), dim=-1)
+    images = torch.randn(2 * B, E, generator=g)
+    semipos = torch.randn(2 * B, 2, E, generator=g)
+    weights = torch.rand(2 * B, 2, generator=g) * 0.3
+    groups = torch.arange(2 * B)
+    groups[B + 1] = groups[0]  # one image appears on both ranks
+    images[B + 1] = images[0]
+    return q, images, semipos, weights, groups
+
+
+def _ddp_worker(rank: int, port: int, out: str, B: int) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference", token_dropout=0.0))
+    ddp = DistributedDataParallel(model)
+    q, images, semipos, weights, groups = _batch(B, model.embedding_dim)
+    mine = slice(rank * B, (rank + 1) * B)
+    result = quari_loss(
+        ddp(q[mine], normalize=False),
+        gather_cat(images[mine]),
+        semipos=semipos[mine],
+        semipos_weights=weights[mine],
+        groups=gather_cat(groups[mine]),
+        offset=rank * B,
+        gather=gather_cat_with_grad,
+    )
+    result.loss.backward()  # DDP averages the gradients over the two ranks
+    torch.save(
+        {
+            "loss": result.loss.detach(),
+            "width": result.width,
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+        },
+        f"{out}/rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_gathers_negatives_and_matches_the_single_process_gradient(tmp_path):
+    """Two gloo ranks with B pairs each: every query sees 2B in-batch images (+ 2
+    semi-positives), and the DDP-averaged gradient equals the gradient of the loss over the
+    global batch of 2B pairs in one process."""
+    B = 4
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path), B), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["width"] for r in ranks] == [2 * B + 2, 2 * B + 2]
+
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference", token_dropout=0.0))
+    q, images, semipos, weights, groups = _batch(B, model.embedding_dim)
+    whole = quari_loss(
+        model(q, normalize=False), images, semipos=semipos, semipos_weights=weights, groups=groups
+    )
+    whole.loss.backward()
+    mean = (ranks[0]["loss"] + ranks[1]["loss"]) / 2
+    assert abs(mean.item() - whole.loss.item()) < 1e-5
+    for name, p in model.named_parameters():
+        for r in ranks:
+            torch.testing.assert_close(r["grads"][name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_with_two_cpu_processes(tmp_path):
+    """`train` with devices=2 (gloo, spawned): runs, logs 2B + 2 candidates per query."""
+    cfg = small_run(
+        tmp_path,
+        devices=2,
+        accelerator="cpu",
+        strategy="ddp_spawn",
+        max_steps=3,
+        checkpoint_every=3,
+        epoch_pairs=48,
+    )
+    result = train(cfg)
+    assert result.steps == 3
+    (metrics,) = (cfg.out / "logs" / "csv").glob("version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    widths = {float(r["train/negatives"]) for r in rows if r.get("train/negatives")}
+    assert widths == {2 * cfg.batch_size + 2}
+    assert np.isfinite(float(next(r["train/loss"] for r in rows if r.get("train/loss"))))
+    assert (cfg.out / "model.safetensors").is_file()
