@@ -150,7 +150,12 @@ class TorchEncoder:
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        try:
+            self.device = torch.device(config.device)
+        except RuntimeError as exc:
+            raise EncoderError(f"device {config.device!r}: {exc}") from exc
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EncoderError(f"device {config.device!r}: CUDA is not available here")
 
     @property
     def threads(self) -> int:

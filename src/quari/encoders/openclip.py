@@ -39,7 +39,8 @@ class OpenCLIPEncoder(TorchEncoder):
         config: Device, threads, fp16, batch size.
     """
 
-    default_threads: ClassVar[int] = 2
+    # Same towers as hf: CLIP; not measurable here (no torchvision), so hf:'s measured value.
+    default_threads: ClassVar[int] = 1
 
     def __init__(self, name: str, config: EncoderConfig) -> None:
         super().__init__(config)
