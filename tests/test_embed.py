@@ -332,3 +332,41 @@ def test_ray_engine_writes_the_same_set_as_the_local_engine(tmp_path):
     np.testing.assert_allclose(
         a["text"].astype(np.float32), b["text"].astype(np.float32), atol=1e-3
     )
+
+
+def test_cli_progress_bar_and_encoder_commands(tmp_path):
+    write_files(tmp_path / "in", {f"p{i}.jpg": jpeg_bytes(photo(i)) for i in range(3)})
+    runner = CliRunner()
+    result = runner.invoke(app, ["embed", str(tmp_path / "in"), str(tmp_path / "s"), "-e", "toy",
+                                 "--workers", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "img/s" in result.output and "3 of 3 images embedded" in result.output
+    listed = runner.invoke(app, ["encoders", "list"])
+    assert listed.exit_code == 0
+    assert all(
+        k in listed.output for k in ("hf:", "open_clip:", "local-dir:", "offline:", "not CLIP")
+    )
+    no_captions = runner.invoke(app, ["encoders", "fit-offline", str(tmp_path / "in"), "--out",
+                                      str(tmp_path / "head"), "--quiet"])  # fmt: skip
+    assert no_captions.exit_code == 2 and "has no captions" in no_captions.output
+
+
+class _NaNOnBlack(ToyEncoder):
+    """Returns NaN for all-black images, as an fp16 overflow would."""
+
+    def encode_batch(self, inputs):
+        out = super().encode_batch(inputs)
+        out[np.asarray(inputs["pixel_values"]).sum(axis=1) == 0] = np.nan
+        return out
+
+
+def test_a_nan_embedding_is_an_error_row_not_a_crash(tmp_path):
+    from PIL import Image
+
+    files = {f"p{i}.jpg": jpeg_bytes(photo(i)) for i in range(4)}
+    files["p2.jpg"] = jpeg_bytes(Image.new("RGB", (20, 20)))
+    write_files(tmp_path / "in", files)
+    result = embed(tmp_path / "in", tmp_path / "s", _NaNOnBlack(), EmbedConfig(progress=False))
+    assert result.embedded == 3 and result.skipped == 1
+    errors = read_errors(tmp_path / "s").to_pydict()
+    assert errors["path"] == ["p2.jpg"] and "NaN/Inf or a zero vector" in errors["reason"][0]

@@ -44,7 +44,9 @@ def embed_command(
     out: Annotated[Path, typer.Argument(help="Embedding set folder (resumed if it exists).")],
     encoder: EncoderOpt = "offline",
     rows_per_shard: Annotated[int, typer.Option(help="Input images per output shard.")] = 10_000,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass (default: 16 on CPU, 64 on CUDA).")
+    ] = None,
     workers: Annotated[
         int | None, typer.Option(help="DataLoader decode workers (default: CPUs − 1, at most 4).")
     ] = None,
@@ -86,7 +88,9 @@ def embed_command(
         ray_actors=ray_actors,
         ray_address=ray_address,
     )
-    enc_config = EncoderConfig(device=device, threads=threads, fp16=fp16, batch_size=batch_size)
+    enc_config = EncoderConfig(
+        device=device, threads=threads, fp16=fp16, batch_size=batch_size or EncoderConfig.batch_size
+    )
     result = embed(source, out, encoder, config, enc_config)
     console.print(
         f"{result.embedded:,} of {result.images:,} images embedded into {out} "

@@ -25,7 +25,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,8 @@ class EmbedConfig:
     Attributes:
         rows_per_shard: Input images per chunk, so rows per output shard (fewer where images
             were bad). Fixed for the life of a set: a resumed run must use the same value.
-        batch_size: Images per forward pass.
+        batch_size: Images per forward pass; ``None``: 16 on CPU (fastest in
+            ``benchmarks/bench_embed.py``: small batches stay in cache), 64 on CUDA.
         workers: DataLoader worker processes that read, decode and preprocess; ``None``: one
             fewer than the CPU count, at most 4 (0 decodes in the main process).
         max_pixels: Largest width × height accepted (decompression-bomb guard).
@@ -65,7 +66,7 @@ class EmbedConfig:
     """
 
     rows_per_shard: int = 10_000
-    batch_size: int = 64
+    batch_size: int | None = None
     workers: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
@@ -109,6 +110,23 @@ class ChunkBuffer:
     @property
     def complete(self) -> bool:
         return len(self.vectors) + len(self.errors) == self.size
+
+    def accept(
+        self, k: int, vector: np.ndarray, text: np.ndarray | None, size: tuple[int, int]
+    ) -> bool:
+        """Records item ``k``'s result — or an error if the encoder gave a NaN/Inf or all-zero
+        vector (fp16 overflow, a degenerate input), which the store would refuse for the
+        whole shard. Returns whether the row was kept."""
+        pos = k - self.start
+        for what, v in (("image", vector), ("caption", text)):
+            if v is not None and not (np.isfinite(v).all() and v.any()):
+                self.errors[pos] = f"the encoder returned NaN/Inf or a zero vector for the {what}"
+                return False
+        self.vectors[pos] = vector
+        self.sizes[pos] = size
+        if text is not None:
+            self.texts[pos] = text
+        return True
 
 
 def decode_item(
@@ -261,7 +279,7 @@ def embed(
     """
     t0 = time.perf_counter()
     config = config or EmbedConfig()
-    if config.rows_per_shard < 1 or config.batch_size < 1:
+    if config.rows_per_shard < 1 or (config.batch_size is not None and config.batch_size < 1):
         raise QuARIInputError("rows_per_shard and batch_size must be at least 1")
     if config.engine not in ("local", "ray"):
         raise QuARIInputError(f"unknown engine {config.engine!r}: local or ray")
@@ -269,6 +287,9 @@ def embed(
     if not src.items:
         raise QuARIInputError(f"{src.location}: no images found")
     enc = load_encoder(encoder, encoder_config) if isinstance(encoder, str) else encoder
+    if config.batch_size is None:
+        cuda = getattr(getattr(enc, "device", None), "type", "cpu") == "cuda"
+        config = replace(config, batch_size=64 if cuda else 16)
     out = Path(out)
     bounds = chunk_bounds(len(src), config.rows_per_shard)
     job = {

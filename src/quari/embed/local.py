@@ -63,9 +63,10 @@ def run_local(
     """Encodes the given chunks, yielding each once complete (in chunk order)."""
     batches: list[list[int]] = []
     owner: dict[int, ChunkBuffer] = {}
+    step = config.batch_size or 16
     for chunk in chunks:
-        for s in range(chunk.start, chunk.start + chunk.size, config.batch_size):
-            batches.append(list(range(s, min(s + config.batch_size, chunk.start + chunk.size))))
+        for s in range(chunk.start, chunk.start + chunk.size, step):
+            batches.append(list(range(s, min(s + step, chunk.start + chunk.size))))
         owner.update({k: chunk for k in range(chunk.start, chunk.start + chunk.size)})
     workers = config.resolved_workers()
     loader = DataLoader(
@@ -87,11 +88,8 @@ def run_local(
                 texts = encoder.encode_texts(source.captions(good)) if source.has_captions else None
                 sizes = dict(zip(batch["ids"], batch["sizes"], strict=True))
                 for j, k in enumerate(good):
-                    chunk = owner[k]
-                    chunk.vectors[k - chunk.start] = vectors[j]
-                    chunk.sizes[k - chunk.start] = sizes[k]
-                    if texts is not None:
-                        chunk.texts[k - chunk.start] = texts[j]
+                    text = None if texts is None else texts[j]
+                    skipped += not owner[k].accept(k, vectors[j], text, sizes[k])
             for k, err in zip(batch["ids"], batch["errors"], strict=True):
                 if err is not None:
                     owner[k].errors[k - owner[k].start] = err

@@ -115,7 +115,7 @@ def run_ray(
     ds = ray.data.from_items([{"k": k} for k in ks])
     ds = ds.map_batches(
         _decode,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or 16,
         batch_format="numpy",
         fn_kwargs={
             "source": source,
@@ -126,7 +126,7 @@ def run_ray(
     )
     ds = ds.map_batches(
         _EncodeActor,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size or 16,
         batch_format="numpy",
         fn_constructor_kwargs={
             "spec": spec,
@@ -142,14 +142,12 @@ def run_ray(
         touched: dict[int, ChunkBuffer] = {}
         for j, k in enumerate(batch["k"].tolist()):
             chunk = owner[k]
-            pos = k - chunk.start
             if batch["ok"][j]:
-                chunk.vectors[pos] = batch["vector"][j]
-                chunk.sizes[pos] = (int(batch["width"][j]), int(batch["height"][j]))
-                if source.has_captions:
-                    chunk.texts[pos] = batch["text_vector"][j]
+                text = batch["text_vector"][j] if source.has_captions else None
+                size = (int(batch["width"][j]), int(batch["height"][j]))
+                chunk.accept(k, batch["vector"][j], text, size)
             else:
-                chunk.errors[pos] = str(batch["error"][j])
+                chunk.errors[k - chunk.start] = str(batch["error"][j])
             touched[chunk.index] = chunk
         for chunk in touched.values():
             if chunk.complete:
