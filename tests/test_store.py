@@ -240,3 +240,67 @@ def test_create_refuses_an_existing_set(tmp_path):
     make_set(tmp_path / "s", shards=(3,))
     with pytest.raises(StoreError, match="already holds an embedding set"):
         EmbeddingSet.create(tmp_path / "s", dim=24, encoder="x")
+
+
+# -- out-of-order shards and recovery from a killed writer (what `quari embed` relies on) --------
+def _rows(n, seed):
+    x = np.random.default_rng(seed).standard_normal((n, 24))
+    meta = {"group": np.full(n, seed), "name": [f"s{seed}-{i}" for i in range(n)]}
+    return x, meta, (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_shards_appended_out_of_order_read_in_numeric_order(tmp_path):
+    eset = EmbeddingSet.create(tmp_path / "s", dim=24, encoder="e")
+    parts = {i: _rows(n, i) for i, n in ((0, 4), (1, 3), (2, 5), (3, 2))}
+    for i in (2, 0, 3, 1):  # the order parallel workers might finish in
+        x, meta, _ = parts[i]
+        shard = eset.append(x, meta, index=i)
+        assert shard.index == i
+    want = np.concatenate([parts[i][2] for i in range(4)])
+    for s in (eset, EmbeddingSet.open(tmp_path / "s")):
+        assert [sh.index for sh in s.shards] == [0, 1, 2, 3]
+        assert [sh.offset for sh in s.shards] == [0, 4, 7, 12]
+        np.testing.assert_array_equal(s.gather(np.arange(14)), want)
+        assert s.metadata([4, 7]).column("name").to_pylist() == ["s1-0", "s2-0"]
+    EmbeddingSet.open(tmp_path / "s").verify()
+
+
+def test_explicit_index_is_checked(tmp_path):
+    eset = EmbeddingSet.create(tmp_path / "s", dim=24, encoder="e")
+    x, meta, _ = _rows(3, 0)
+    eset.append(x, meta, index=5)
+    before = snapshot(tmp_path / "s")
+    with pytest.raises(QuARIInputError, match="shard 5 already exists"):
+        eset.append(x, meta, index=5)
+    with pytest.raises(QuARIInputError, match="non-negative integer"):
+        eset.append(x, meta, index=-1)
+    assert snapshot(tmp_path / "s") == before
+    assert eset.append(x, meta).index == 6  # default: one past the highest
+
+
+def test_recover_discards_uncommitted_shard_files_only(tmp_path):
+    eset, stored, _ = make_set(tmp_path / "s", shards=(5, 6))
+    root = tmp_path / "s"
+    committed = snapshot(root)
+    # What a writer killed after renaming shard 2's files, before replacing the manifest, leaves
+    # (plus the temporary file of a write it was in the middle of).
+    np.save(root / "img_emb" / "img_emb_2.npy", np.ones((3, 24), np.float16))
+    pq.write_table(pa.table({"group": [1] * 3, "name": ["a"] * 3}), root / "metadata" / "m.tmp")
+    (root / "metadata" / "m.tmp").rename(root / "metadata" / "metadata_2.parquet")
+    (root / "img_emb" / ".img_emb_3.npy.x1y2").write_bytes(b"half written")
+    (root / "img_emb" / ".keep").write_bytes(b"not ours")
+    with pytest.raises(StoreError, match="not in manifest.json"):
+        EmbeddingSet.open(root)
+    assert eset.uncommitted_files() == [
+        "img_emb/.img_emb_3.npy.x1y2",
+        "img_emb/img_emb_2.npy",
+        "metadata/metadata_2.parquet",
+    ]
+    again = EmbeddingSet.open(root, recover=True)
+    assert len(again) == 11
+    np.testing.assert_array_equal(again.gather(np.arange(11)), stored)
+    assert (root / "img_emb" / ".keep").exists()
+    (root / "img_emb" / ".keep").unlink()
+    assert snapshot(root) == committed
+    x, meta, _ = _rows(2, 9)
+    assert again.append(x, meta, index=2).rows == 2  # the slot is free again

@@ -15,7 +15,10 @@ truncated or non-npy file, row counts that differ between the npy and parquet of
 dimension that changes between shards, a manifest that contradicts the files — raises a
 :class:`StoreError` naming the file and the problem. Appends write new shards only (files
 written under temporary names, then renamed, then the manifest replaced atomically); existing
-shards are never written over.
+shards are never written over. A writer that produces shards out of order (parallel embedding)
+appends each with its own ``index``; rows still run in numeric shard order. A shard is committed
+once it is listed in the manifest, so a writer killed between renaming its files and replacing
+the manifest leaves files that no manifest lists: ``open(..., recover=True)`` deletes them.
 """
 
 from __future__ import annotations
@@ -188,11 +191,19 @@ class EmbeddingSet:
         return eset
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str]) -> EmbeddingSet:
+    def open(cls, root: str | os.PathLike[str], *, recover: bool = False) -> EmbeddingSet:
         """Opens a set written by quari, or clip-retrieval output without a manifest.
 
         Structural checks run here (headers, sizes, row counts, dims); checksums are checked
         by :meth:`verify`, which reads every byte.
+
+        Args:
+            root: The set's folder.
+            recover: Delete shard files the manifest does not list, and temporary files of
+                interrupted writes, instead of refusing to open. They are what a writer killed
+                after renaming a shard's files but before committing the manifest leaves behind;
+                no reader has ever seen them. Only the process that owns the set (a resumed
+                ``quari embed``) should pass this.
 
         Raises:
             StoreError: naming the file and the problem.
@@ -202,8 +213,31 @@ class EmbeddingSet:
             raise StoreError(f"{root}: not a folder")
         manifest = root / MANIFEST
         eset = cls._from_manifest(root, manifest) if manifest.exists() else cls._infer(root)
+        if recover and eset.has_manifest:
+            for rel in eset.uncommitted_files():
+                (root / rel).unlink(missing_ok=True)
         eset._check_files()
         return eset
+
+    def uncommitted_files(self) -> list[str]:
+        """Files under the shard folders that the manifest does not list (relative paths, sorted):
+        shards renamed into place but never committed, and temporary files of killed writes."""
+        if not self.has_manifest:
+            return []
+        listed = {f.path for s in self.shards for f in s.files()}
+        found = []
+        for sub in ("img_emb", "text_emb", "metadata"):
+            folder = self.root / sub
+            if not folder.is_dir():
+                continue
+            for p in folder.glob("*_*.*"):
+                rel = f"{sub}/{p.name}"
+                if p.name.startswith("."):  # atomic_write's temporaries: .{name}.{random}
+                    if p.name.startswith(f".{sub}_"):
+                        found.append(rel)
+                elif rel not in listed:
+                    found.append(rel)
+        return sorted(found)
 
     @classmethod
     def _from_manifest(cls, root: Path, path: Path) -> EmbeddingSet:
@@ -325,16 +359,17 @@ class EmbeddingSet:
             if len(present) > 1:
                 raise StoreError(f"{self.root}: some shards have {kind} files and others not")
         if self.has_manifest:
-            unlisted = sorted(
-                str(p.relative_to(self.root))
+            unlisted = [
+                rel
                 for sub in ("img_emb", "text_emb", "metadata")
                 for p in (self.root / sub).glob("*_*.*")
-                if not p.name.startswith(".") and str(p.relative_to(self.root)) not in listed
-            )
+                if not p.name.startswith(".") and (rel := f"{sub}/{p.name}") not in listed
+            ]
             if unlisted:
                 raise StoreError(
-                    f"{self.root}: {unlisted[:5]} not in {MANIFEST} (left by an interrupted "
-                    "append?); move them away or delete them"
+                    f"{self.root}: {sorted(unlisted)[:5]} not in {MANIFEST} (left by an "
+                    "interrupted append?); move them away or delete them, or resume the job "
+                    "that wrote them"
                 )
 
     @staticmethod
@@ -518,6 +553,8 @@ class EmbeddingSet:
         vectors: Any,
         metadata: pa.Table | dict[str, Any] | None = None,
         text_vectors: Any = None,
+        *,
+        index: int | None = None,
     ) -> Shard:
         """Adds one shard of rows (L2-normalised, stored as float16).
 
@@ -526,13 +563,17 @@ class EmbeddingSet:
             metadata: n rows of metadata (a pyarrow Table, or a dict of equal-length columns).
                 Required once the set has metadata; all shards share column names and types.
             text_vectors: (n, E) caption embeddings; required once the set has them.
+            index: The shard's number; by default one past the highest. A writer whose shards
+                finish out of order gives each its own number; the set's rows always run in
+                numeric shard order, so a shard inserted below existing ones shifts their row
+                ids (candidate indexes notice and ask for a rebuild).
 
         Returns:
             The new :class:`Shard`.
 
         Raises:
             QuARIInputError: wrong dimension, NaN/Inf or zero rows, mismatched row counts or
-                metadata columns.
+                metadata columns, a negative or already used ``index``.
             StoreError: the set was opened without a manifest (it is read-only to quari) or a
                 target file already exists.
         """
@@ -557,7 +598,12 @@ class EmbeddingSet:
                         f"the set {'has' if have else 'has no'} {what}; every shard must "
                         f"{'include' if have else 'omit'} them"
                     )
-        index = max((s.index for s in self.shards), default=-1) + 1
+        if index is None:
+            index = max((s.index for s in self.shards), default=-1) + 1
+        elif isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise QuARIInputError(f"index must be a non-negative integer, got {index!r}")
+        elif any(s.index == index for s in self.shards):
+            raise QuARIInputError(f"{self.root}: shard {index} already exists")
         plan = [("image", f"img_emb/img_emb_{index}.npy", img)]
         if txt is not None:
             plan.append(("text", f"text_emb/text_emb_{index}.npy", txt))
@@ -570,20 +616,26 @@ class EmbeddingSet:
         try:
             for kind, rel, payload in plan:
                 written[kind] = ShardFile(rel, self._write_new(self.root / rel, payload))
-            shard = Shard(
-                index, n, self.rows, written["image"], written.get("text"), written.get("metadata")
-            )
-            self.shards = (*self.shards, shard)
-            self.__dict__.pop("_offsets", None)
+            before = self.shards
+            new = Shard(index, n, 0, written["image"], written.get("text"), written.get("metadata"))
+            self._set_shards([*before, new])
             self._write_manifest()
         except BaseException:
             for f in written.values():  # never leave half a shard behind
                 (self.root / f.path).unlink(missing_ok=True)
-            if self.shards and self.shards[-1].index == index:
-                self.shards = self.shards[:-1]
-                self.__dict__.pop("_offsets", None)
+            if any(s.index == index for s in self.shards):
+                self._set_shards([s for s in self.shards if s.index != index])
             raise
-        return shard
+        return next(s for s in self.shards if s.index == index)
+
+    def _set_shards(self, shards: Sequence[Shard]) -> None:
+        """Orders shards by index and recomputes their row offsets."""
+        ordered, offset = [], 0
+        for s in sorted(shards, key=lambda s: s.index):
+            ordered.append(replace(s, offset=offset))
+            offset += s.rows
+        self.shards = tuple(ordered)
+        self.__dict__.pop("_offsets", None)
 
     def _prepare(self, vectors: Any, name: str) -> np.ndarray:
         # Normalised in float64 so the stored fp16 value is the correctly rounded unit vector.

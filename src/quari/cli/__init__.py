@@ -17,6 +17,7 @@ from rich.console import Console
 
 from quari import __version__
 from quari.checkpoint import CheckpointError
+from quari.encoders import EncoderError
 from quari.store import StoreError
 from quari.validation import QuARIInputError
 
@@ -37,7 +38,13 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (QuARIInputError, StoreError, CheckpointError, FileNotFoundError) as exc:
+        except (
+            QuARIInputError,
+            StoreError,
+            CheckpointError,
+            EncoderError,
+            FileNotFoundError,
+        ) as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -62,4 +69,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` (imported last: they import from here).
-from quari.cli import search, train  # noqa: E402, F401
+from quari.cli import embed, search, train  # noqa: E402, F401

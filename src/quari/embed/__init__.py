@@ -1,0 +1,25 @@
+"""Embedding a collection: inputs, safe image decoding, the resumable job, the engines.
+
+Example:
+    >>> from quari.embed import EmbedConfig, embed
+    >>> result = embed("photos/", "photos.set", "offline:heads/mine",
+    ...                EmbedConfig(rows_per_shard=5000))  # doctest: +SKIP
+"""
+
+from quari.embed.images import DEFAULT_MAX_PIXELS, BadImage, DecodedImage, load_image
+from quari.embed.job import EmbedConfig, EmbedResult, embed, read_errors
+from quari.embed.sources import Item, Source, open_source
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "BadImage",
+    "DecodedImage",
+    "EmbedConfig",
+    "EmbedResult",
+    "Item",
+    "Source",
+    "embed",
+    "load_image",
+    "open_source",
+    "read_errors",
+]
