@@ -6,7 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read when
+# triton is first imported — and other test modules' imports (transformers, lightning) may
+# import it — so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from helpers import FIXTURE
 
