@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_core import machine
+from bench_core import machine, median_ms
 from quari.encoders import EncoderConfig, collate
 from quari.encoders.offline import FEATURE_DIM, TEXT_DIM, OfflineEncoder, OfflineHead
 
@@ -46,13 +45,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def rate(fn, items: int, repeats: int) -> float:
     """Median items/s of ``fn`` (one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return items / statistics.median(times)
+    return items / (median_ms(fn, repeats) / 1e3)
 
 
 def bundled_photos() -> list[Image.Image]:

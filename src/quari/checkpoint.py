@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from quari import __version__
-from quari.fileio import atomic_write
+from quari.fileio import atomic_write, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
 
 __all__ = ["CheckpointError", "load", "load_reference", "save"]
@@ -117,10 +117,7 @@ def load(folder: str | os.PathLike[str], *, map_location: str | torch.device = "
             raise CheckpointError(
                 f"{path}: missing; a quari model folder needs config.json and model.safetensors"
             )
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from exc
+    data = read_json(config_path, CheckpointError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(
             f'{config_path}: not a quari model config (expected "format": "{FORMAT}")'

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from quari import __version__
-from quari.fileio import atomic_write
+from quari.fileio import atomic_write, read_json
 from quari.store import EmbeddingSet, StoreError
 from quari.validation import QuARIInputError, as_embeddings, check_k
 
@@ -246,11 +246,10 @@ class CandidateIndex:
         index_path, info_path = folder / f"{name}.faiss", folder / f"{name}.json"
         if not index_path.is_file() or not info_path.is_file():
             raise StoreError(f"{index_path}: no index; build one with `quari index build`")
+        info = read_json(info_path, StoreError)
         try:
-            info = json.loads(info_path.read_text())
-            flags = faiss.IO_FLAG_MMAP if mmap else 0
-            index = faiss.read_index(str(index_path), flags)
-        except (json.JSONDecodeError, RuntimeError) as exc:
+            index = faiss.read_index(str(index_path), faiss.IO_FLAG_MMAP if mmap else 0)
+        except RuntimeError as exc:
             raise StoreError(f"{index_path}: unreadable index ({exc})") from exc
         config = IndexConfig(**info.pop("config", {}))
         loaded = cls(eset, index, info, config, name)

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from quari import __version__
-from quari.fileio import atomic_write, sha256_file
+from quari.fileio import atomic_write, read_json, sha256_file
 from quari.validation import QuARIInputError, as_embeddings
 
 __all__ = ["EmbeddingSet", "Shard", "StoreError"]
@@ -241,10 +241,7 @@ class EmbeddingSet:
 
     @classmethod
     def _from_manifest(cls, root: Path, path: Path) -> EmbeddingSet:
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_json(path, StoreError)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise StoreError(f"{path}: not a quari embedding-set manifest")
         if (

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from quari import __version__
-from quari.fileio import atomic_write
+from quari.fileio import atomic_write, read_json
 from quari.store import EmbeddingSet, StoreError
 from quari.validation import QuARIInputError
 
@@ -156,10 +156,7 @@ def _read_manifest(eset: EmbeddingSet) -> dict[str, Any] | None:
     path = _folder(eset) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, StoreError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise StoreError(f"{path}: not a quari semi-positives manifest")
     return data
