@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from quari.cli import app
 from quari.embed import EmbedConfig, embed, open_source, read_errors
+from quari.layout import read_manifest
 from quari.store import EmbeddingSet, StoreError
 from quari.validation import QuARIInputError
 
@@ -136,7 +137,8 @@ def test_killed_at_any_write_then_resumed_equals_an_uninterrupted_run(reference,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 9, err.decode()[-2000:]
     # the committed state as the manifest describes it, without open()'s checks
-    leftovers = EmbeddingSet._from_manifest(out, out / "manifest.json").uncommitted_files()
+    described = EmbeddingSet(out, **vars(read_manifest(out / "manifest.json")))
+    leftovers = described.uncommitted_files()
     if die.startswith("after:errors"):
         assert leftovers == []
     else:  # the kill left shard files no manifest lists: a plain open refuses the folder

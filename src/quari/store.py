@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -39,82 +38,23 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from quari import __version__
-from quari.fileio import atomic_write, read_json, sha256_file
+from quari.fileio import atomic_write, sha256_file
+from quari.layout import (
+    MANIFEST,
+    Layout,
+    Shard,
+    ShardFile,
+    StoreError,
+    infer_layout,
+    npy_header,
+    parquet_rows,
+    read_manifest,
+)
 from quari.validation import QuARIInputError, as_embeddings
 
-__all__ = ["EmbeddingSet", "Shard", "StoreError"]
+__all__ = ["EmbeddingSet", "Shard", "StoreError"]  # Shard, StoreError: from quari.layout
 
-MANIFEST = "manifest.json"
-FORMAT = "quari-embedding-set"
-FORMAT_VERSION = 1
-KINDS = {"image": ("img_emb", "img_emb"), "text": ("text_emb", "text_emb")}
-_SHARD_RE = re.compile(r"^img_emb_(\d+)\.npy$")
 _ROW = "__quari_row"  # row-id column added to metadata while filtering
-
-
-class StoreError(ValueError):
-    """An embedding set's files are missing, corrupt or inconsistent (the message names them)."""
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    """One file of a shard: its path relative to the set root and, when known, its sha256."""
-
-    path: str
-    sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A row-aligned group of files; rows ``offset … offset + rows − 1`` of the set."""
-
-    index: int
-    rows: int
-    offset: int
-    image: ShardFile
-    text: ShardFile | None = None
-    metadata: ShardFile | None = None
-
-    def files(self) -> list[ShardFile]:
-        return [f for f in (self.image, self.text, self.metadata) if f is not None]
-
-
-@dataclass(frozen=True)
-class _Header:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    data_offset: int
-
-
-def _npy_header(path: Path) -> _Header:
-    """Reads and checks an .npy header without loading the data."""
-    if not path.is_file():
-        raise StoreError(f"{path}: missing")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            offset = f.tell()
-    except Exception as exc:  # numpy raises ValueError/EOFError/… on garbage
-        raise StoreError(f"{path}: not a valid .npy file ({exc})") from exc
-    if fortran or len(shape) != 2:
-        raise StoreError(f"{path}: expected a C-ordered 2-D array, got shape {shape}")
-    if dtype not in (np.float16, np.float32):
-        raise StoreError(f"{path}: expected float16 or float32 embeddings, got {dtype}")
-    expected = offset + shape[0] * shape[1] * dtype.itemsize
-    size = path.stat().st_size
-    if size != expected:
-        raise StoreError(
-            f"{path}: truncated or padded: the header promises {shape[0]} rows × {shape[1]} "
-            f"({expected} bytes), the file has {size} bytes"
-        )
-    return _Header(shape, dtype, offset)
 
 
 class EmbeddingSet:
@@ -212,7 +152,8 @@ class EmbeddingSet:
         if not root.is_dir():
             raise StoreError(f"{root}: not a folder")
         manifest = root / MANIFEST
-        eset = cls._from_manifest(root, manifest) if manifest.exists() else cls._infer(root)
+        layout = read_manifest(manifest) if manifest.exists() else infer_layout(root)
+        eset = cls(root, **vars(layout))
         if recover and eset.has_manifest:
             for rel in eset.uncommitted_files():
                 (root / rel).unlink(missing_ok=True)
@@ -239,93 +180,12 @@ class EmbeddingSet:
                     found.append(rel)
         return sorted(found)
 
-    @classmethod
-    def _from_manifest(cls, root: Path, path: Path) -> EmbeddingSet:
-        data = read_json(path, StoreError)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise StoreError(f"{path}: not a quari embedding-set manifest")
-        if (
-            not isinstance(data.get("format_version"), int)
-            or data["format_version"] > FORMAT_VERSION
-        ):
-            raise StoreError(
-                f"{path}: format_version {data.get('format_version')!r} is newer than this "
-                f"quari supports ({FORMAT_VERSION}); upgrade quari"
-            )
-        try:
-            shards, offset = [], 0
-            for entry in data["shards"]:
-                optional = {
-                    k: ShardFile(**entry[k]) if entry.get(k) else None for k in ("text", "metadata")
-                }
-                image = ShardFile(**entry["image"])  # required
-                shards.append(
-                    Shard(int(entry["index"]), int(entry["rows"]), offset, image, **optional)
-                )
-                offset += int(entry["rows"])
-            encoder = data["encoder"]
-            return cls(
-                root,
-                dim=int(data["dim"]),
-                encoder=str(encoder["id"]),
-                encoder_info={k: v for k, v in encoder.items() if k != "id"},
-                dtype=str(data["dtype"]),
-                normalized=bool(data["normalized"]),
-                shards=shards,
-                has_manifest=True,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"{path}: malformed manifest ({exc!r})") from exc
-
-    @classmethod
-    def _infer(cls, root: Path) -> EmbeddingSet:
-        """Builds the description of a manifest-less clip-retrieval folder from its files."""
-        img_dir = root / "img_emb"
-        indices = sorted(
-            int(m.group(1)) for p in img_dir.glob("img_emb_*.npy") if (m := _SHARD_RE.match(p.name))
-        )
-        if not indices:
-            raise StoreError(f"{root}: no manifest.json and no img_emb/img_emb_*.npy files")
-        shards, offset, dims, dtypes = [], 0, set(), set()
-        for i in indices:
-            header = _npy_header(img_dir / f"img_emb_{i}.npy")
-            dims.add(header.shape[1])
-            dtypes.add(header.dtype.name)
-            text = root / "text_emb" / f"text_emb_{i}.npy"
-            meta = root / "metadata" / f"metadata_{i}.parquet"
-            shards.append(
-                Shard(
-                    i,
-                    header.shape[0],
-                    offset,
-                    ShardFile(f"img_emb/img_emb_{i}.npy"),
-                    ShardFile(f"text_emb/text_emb_{i}.npy") if text.exists() else None,
-                    ShardFile(f"metadata/metadata_{i}.parquet") if meta.exists() else None,
-                )
-            )
-            offset += header.shape[0]
-        if len(dims) > 1:
-            raise StoreError(f"{root}: the dimension changes between shards ({sorted(dims)})")
-        first = np.load(img_dir / f"img_emb_{indices[0]}.npy", mmap_mode="r")[:1000]
-        norms = np.linalg.norm(first.astype(np.float32), axis=1)
-        normalized = bool(norms.size == 0 or np.allclose(norms, 1.0, atol=1e-2))
-        return cls(
-            root,
-            dim=dims.pop(),
-            encoder="unknown",
-            dtype=dtypes.pop(),
-            normalized=normalized,
-            shards=shards,
-            has_manifest=False,
-            encoder_info={"note": "inferred from a clip-retrieval folder"},
-        )
-
     def _check_files(self) -> None:
         """Cross-checks every shard's files against each other and against the manifest."""
         listed = set()
         kinds = {"text": set(), "metadata": set()}
         for shard in self.shards:
-            header = _npy_header(self.root / shard.image.path)
+            header = npy_header(self.root / shard.image.path)
             listed.add(shard.image.path)
             where = f"{self.root / shard.image.path}"
             if header.shape[1] != self.dim:
@@ -338,7 +198,7 @@ class EmbeddingSet:
             kinds["metadata"].add(shard.metadata is not None)
             if shard.text is not None:
                 listed.add(shard.text.path)
-                text = _npy_header(self.root / shard.text.path)
+                text = npy_header(self.root / shard.text.path)
                 if text.shape != header.shape:
                     raise StoreError(
                         f"{self.root / shard.text.path}: shape {text.shape}, its image "
@@ -346,7 +206,7 @@ class EmbeddingSet:
                     )
             if shard.metadata is not None:
                 listed.add(shard.metadata.path)
-                rows = self._parquet_rows(self.root / shard.metadata.path)
+                rows = parquet_rows(self.root / shard.metadata.path)
                 if rows != shard.rows:
                     raise StoreError(
                         f"{self.root / shard.metadata.path}: {rows} metadata rows, "
@@ -369,16 +229,6 @@ class EmbeddingSet:
                     "that wrote them"
                 )
 
-    @staticmethod
-    def _parquet_rows(path: Path) -> int:
-        if not path.is_file():
-            raise StoreError(f"{path}: missing")
-        try:
-            return pq.ParquetFile(path).metadata.num_rows
-        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on corrupt files
-            raise StoreError(f"{path}: not a readable parquet file ({exc})") from exc
-
-    # -- facts -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.rows
 
@@ -675,28 +525,9 @@ class EmbeddingSet:
         return sha256_file(path)
 
     def _write_manifest(self) -> None:
-        data = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "quari_version": __version__,
-            "encoder": {"id": self.encoder, **self.encoder_info},
-            "dim": self.dim,
-            "dtype": self.dtype,
-            "normalized": self.normalized,
-            "rows": self.rows,
-            "shards": [
-                {
-                    "index": s.index,
-                    "rows": s.rows,
-                    **{
-                        k: (None if f is None else {"path": f.path, "sha256": f.sha256})
-                        for k, f in (("image", s.image), ("text", s.text), ("metadata", s.metadata))
-                    },
-                }
-                for s in self.shards
-            ],
-        }
-        text = json.dumps(data, indent=2) + "\n"
+        layout = Layout(self.dim, self.encoder, self.dtype, self.normalized, list(self.shards),
+                        True, self.encoder_info)  # fmt: skip
+        text = json.dumps(layout.manifest(), indent=2) + "\n"
         atomic_write(self.root / MANIFEST, lambda f: f.write(text.encode()))
         self.has_manifest = True
 
