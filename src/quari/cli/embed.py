@@ -26,7 +26,7 @@ EncoderOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option(help="Torch CPU threads while encoding (default: the encoder's measured best)."),
+    typer.Option(help="Torch CPU threads while encoding (default: all cores)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 …")]
 

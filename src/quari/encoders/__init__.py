@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -96,8 +96,9 @@ class EncoderConfig:
 
     Attributes:
         device: Torch device for the model (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …).
-        threads: Torch CPU threads while encoding; ``None`` takes the encoder's default, the
-            count measured fastest on a 2-core machine (``benchmarks/bench_embed.py``).
+        threads: Torch CPU threads while encoding; ``None`` keeps torch's setting (all cores
+            by default): on an idle 2-core machine two threads beat one for every encoder
+            measured, by 1.5-2x (``benchmarks/results/bench_embed.json``).
         fp16: Run the model under float16 autocast. ``None``: on CUDA yes, on CPU no (CPU
             half precision is slower and less exact).
         batch_size: Rows per forward pass inside ``encode_images``/``encode_texts``.
@@ -141,8 +142,6 @@ class TorchEncoder:
     :meth:`_image_features` and :meth:`_text_features` (unnormalised float tensors).
     """
 
-    #: Torch threads used when :attr:`EncoderConfig.threads` is ``None``.
-    default_threads: ClassVar[int] = 1
     id: str
     dim: int
     info: dict[str, Any]
@@ -159,7 +158,7 @@ class TorchEncoder:
 
     @property
     def threads(self) -> int:
-        return self.config.threads or self.default_threads
+        return self.config.threads or torch.get_num_threads()
 
     def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

@@ -17,7 +17,7 @@ with the projected embedding in ``.pooler_output``; older releases return the te
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,10 +62,6 @@ class HFEncoder(TorchEncoder):
     Example:
         >>> enc = HFEncoder("google/siglip2-base-patch16-224", EncoderConfig())  # doctest: +SKIP
     """
-
-    # benchmarks/bench_embed.py, ViT-B/32-sized CLIP on the 2-core CI machine: one thread beat
-    # two (the cores are shared; a second thread mostly waits). Raise it on bigger machines.
-    default_threads: ClassVar[int] = 1
 
     def __init__(self, name: str, config: EncoderConfig) -> None:
         super().__init__(config)

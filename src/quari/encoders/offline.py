@@ -32,7 +32,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -322,7 +322,7 @@ def _fit(
     alpha: float | None,
     note: str,
 ) -> OfflineHead:
-    with torch_threads(towers.config.threads or OfflineEncoder.default_threads):
+    with torch_threads(towers.config.threads):
         targets = towers.text_embeddings([str(c) for c in captions]).float().cpu().numpy()
     mean, scale, weight, bias, lam, loo = fit_ridge(features, targets, alpha)
     head = OfflineHead(mean, scale, weight, bias, towers.resolution, lam, len(captions), loo, note)
@@ -386,7 +386,7 @@ def fit_offline_head_from(
 def image_features(towers: OfflineTowers, images: Sequence[Any]) -> np.ndarray:
     """(N, 1280) float32 EfficientNet features of PIL images, in batches."""
     step, out = towers.config.batch_size, []
-    with torch_threads(towers.config.threads or OfflineEncoder.default_threads), torch.no_grad():
+    with torch_threads(towers.config.threads), torch.no_grad():
         for i in range(0, len(images), step):
             batch = collate([towers.preprocessor(im) for im in images[i : i + step]])
             out.append(towers.image_features(batch["pixel_values"]).float().cpu().numpy())
@@ -400,9 +400,6 @@ class OfflineEncoder(TorchEncoder):
         head: Folder holding a fitted head; ``None`` for :func:`default_head_dir`.
         config: Device, threads, fp16, batch size.
     """
-
-    # On the 2-core CI machine one thread beat two for both towers (benchmarks/bench_embed.py).
-    default_threads: ClassVar[int] = 1
 
     def __init__(
         self, head: str | os.PathLike[str] | None, config: EncoderConfig | None = None

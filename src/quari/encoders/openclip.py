@@ -10,7 +10,7 @@ model and tag (or the same folder) as the weights, and the tokenizer from ``get_
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +38,6 @@ class OpenCLIPEncoder(TorchEncoder):
             no tag = random init) or ``local-dir:<folder>``.
         config: Device, threads, fp16, batch size.
     """
-
-    # Same towers as hf: CLIP; not measurable here (no torchvision), so hf:'s measured value.
-    default_threads: ClassVar[int] = 1
 
     def __init__(self, name: str, config: EncoderConfig) -> None:
         super().__init__(config)
