@@ -218,7 +218,12 @@ def planted_pairs(
         coords = np.concatenate(
             [spec.signal * attrs[who], weight * _unit(rng.standard_normal((n, A - S)))], axis=1
         )
-        x[:, C:] = np.einsum("nij,nj->ni", bases[cluster[who]], coords)
+        # One matrix product per cluster (not an (n, A, A) gather), so that E = 768 and
+        # millions of rows stay cheap.
+        owner_cluster = cluster[who]
+        for k in np.unique(owner_cluster):
+            sel = owner_cluster == k
+            x[sel, C:] = coords[sel] @ bases[k].T
         return _unit(x).astype(np.float32)
 
     img = draw(np.arange(images), spec.nuisance)
