@@ -285,6 +285,24 @@ def test_step_codes_are_not_saved():
     assert "step_codes" not in model.state_dict()
 
 
+@pytest.mark.parametrize(
+    ("B", "n", "k", "block"),
+    [(1, 10_000, 100, 16), (3, 10_007, 50, 32), (2, 999, 10, 8), (2, 500, 100, 8), (1, 64, 64, 4)],
+)
+def test_select_topk_is_an_exact_topk(B, n, k, block):
+    from quari.kernels.scan import select_topk
+
+    gen = torch.Generator().manual_seed(n)
+    # Scores on a coarse grid: many ties, also across the kept/dropped block boundary.
+    scores = torch.randint(0, 200, (B, n), generator=gen).float() / 200
+    values, ids = select_topk(scores, k, block=block)
+    want = torch.topk(scores, k, dim=1)
+    assert torch.equal(values, want.values)
+    assert torch.equal(torch.gather(scores, 1, ids), values), "ids must point at their scores"
+    for row in ids:
+        assert row.unique().numel() == k, "no score is returned twice"
+
+
 # -- on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @gpu
@@ -329,8 +347,29 @@ def test_gpu_graphs_equal_the_eager_pass(variant):
     for e, g in zip(eager, graphed, strict=True):
         for name in ("refined_query", "U", "V"):
             torch.testing.assert_close(getattr(g, name), getattr(e, name), rtol=1e-5, atol=1e-5)
+    bad = queries[:3].clone()
+    bad[1, 5] = float("nan")
+    with torch.inference_mode(), pytest.raises(QuARIInputError, match=r"row \[1\]"):
+        model(bad)  # found by the graph, after its replay
     model.to(torch.float64)
     assert model.cuda_graph_batch_sizes == (), "moving or casting the model drops its graphs"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bf16_graphs_stay_close_to_fp32():
+    cfg = HyperNetConfig(embedding_dim=64, rank=8, hidden_dim=32, num_layers=2, num_heads=4,
+                         num_steps=3)  # fmt: skip
+    model = QuARIModel(cfg).cuda().eval()
+    queries = torch.randn(3, 64, device="cuda")
+    gallery = torch.nn.functional.normalize(torch.randn(500, 64, device="cuda"), dim=-1)
+    with torch.inference_mode():
+        eager = model(queries)
+        model.enable_cuda_graphs((4,), precision="bf16")
+        graphed = model(queries)
+    assert graphed.U.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32
+    diff = (graphed.score(gallery) - eager.score(gallery)).abs().max()
+    assert 0 < diff < 0.05, f"bf16 weights change the scores by {diff}"
 
 
 def test_missing_triton_means_the_torch_path(monkeypatch):
@@ -344,3 +383,37 @@ def test_missing_triton_means_the_torch_path(monkeypatch):
     ad, gallery = make_problem(1, 16, 4, 40, "paper", torch.float16)
     top = scan_topk(ad, gallery, 3)
     assert_topk_matches(top.ids.cpu(), top.scores.cpu(), oracle(ad, gallery), 3, 1e-3)
+
+
+def test_graphed_scan_needs_a_cuda_gallery():
+    from quari.kernels.graphs import GraphedScan
+
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        GraphedScan(torch.zeros(10, 16, dtype=torch.bfloat16), k=3, rank=4)
+
+
+@pytest.mark.gpu
+@gpu
+@needs_triton
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_gpu_graphed_scan_equals_scan(variant):
+    from quari.kernels.graphs import GraphedScan
+
+    ad, gallery = make_problem(4, 768, 64, 50_021, variant, torch.bfloat16, seed=7)
+    alpha = ad.anchor_scale
+    scan = GraphedScan(gallery, k=100, rank=64, variant=variant, anchor_scale=alpha,
+                       batch_sizes=(1, 4))  # fmt: skip
+    one = Adaptation(ad.refined_query[:1], ad.U[:1], ad.V[:1], variant, alpha)
+    fresh = Adaptation.random(4, 768, 64, variant, seed=3, anchor_scale=alpha or 0.8).to("cuda")
+    for batch in (ad, one, fresh):  # the third call replays the size-4 graph on new inputs
+        got = scan(batch)
+        want = scan_topk(batch, gallery, 100)
+        assert_close(got.scores.cpu(), want.scores.cpu(), 1e-5)
+        assert (got.ids == want.ids).float().mean() > 0.99  # ties may swap
+    other = Adaptation.random(2, 768, 64, variant).to("cuda")
+    with pytest.raises(QuARIInputError, match="batch sizes"):
+        scan(other)
+    bad = gallery.clone()
+    bad[123, 4] = float("nan")
+    with pytest.raises(QuARIInputError, match="gallery row 123"):
+        GraphedScan(bad, k=10, rank=64, variant=variant, anchor_scale=alpha)(one)

@@ -226,18 +226,23 @@ class QuARIModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.config.embedding_dim
 
-    def _step_vector(self, step: int, like: torch.Tensor) -> torch.Tensor:
-        if self.config.variant == "paper":
-            return self.step_embedding.weight[step]
-        return self.step_mlp(self.step_codes[step].to(like))
+    def _step_inputs(self, like: torch.Tensor) -> torch.Tensor:
+        """(L, 1 + 2r, H): what each step adds to the sequence [ctx; U bank; V bank].
 
-    def _bank_positions(self) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor]:
-        """Positional codes added to (control token, U bank, V bank)."""
-        r = self.config.rank
+        Row 0 is the step's code (plus, in the paper variant, the control token's position),
+        rows 1.. the banks' positions. Built once per forward pass, so that a step costs one
+        addition and one residual update instead of a handful of small kernels (at batch 1
+        the forward pass is launch-bound).
+        """
+        r, L = self.config.rank, self.config.num_steps
         if self.config.variant == "paper":
-            return self.positions[0], self.positions[1 : r + 1], self.positions[r + 1 :]
-        shared = self.position_scale * self.positions[:r]
-        return 0.0, shared, shared
+            steps = self.step_embedding.weight + self.positions[0]
+            banks = self.positions[1:]
+        else:
+            steps = self.step_mlp(self.step_codes.to(like))
+            shared = self.position_scale * self.positions[:r]
+            banks = torch.cat([shared, shared])
+        return torch.cat([steps[:, None], banks.to(like)[None].expand(L, -1, -1)], dim=1)
 
     def forward(self, queries: torch.Tensor, *, normalize: bool = True) -> Adaptation:
         """Predicts the adapted query and the low-rank map for every query in the batch.
@@ -257,18 +262,15 @@ class QuARIModel(nn.Module):
         """
         cfg = self.config
         ref = next(self.parameters())
-        q = as_embeddings(
-            queries,
-            cfg.embedding_dim,
-            "queries",
-            normalize=normalize,
-            dtype=ref.dtype,
-            device=ref.device,
-        )
+        q = as_embeddings(queries, cfg.embedding_dim, "queries", dtype=ref.dtype,
+                          device=ref.device, check_finite=False)  # fmt: skip
         graphs = self._cuda_graphs
-        if graphs is not None and graphs.accepts(self, q):
+        if graphs is not None and normalize and graphs.accepts(self, q):
+            # The graph normalises and checks finiteness itself: no synchronisation before
+            # the replay (a NaN/Inf row still raises, after it).
             refined, U, V = graphs(q)
         else:
+            q = as_embeddings(q, cfg.embedding_dim, "queries", normalize=normalize, dtype=None)
             refined, U, V = self._predict(q)
         if cfg.variant == "paper":
             return Adaptation(refined, U, V)
@@ -279,20 +281,18 @@ class QuARIModel(nn.Module):
         cfg = self.config
         B, r = q.shape[0], cfg.rank
         ctx = self.query_encoder(q)
-        u = ctx.new_zeros(B, r, cfg.hidden_dim)
-        v = ctx.new_zeros(B, r, cfg.hidden_dim)
-        pos_ctx, pos_u, pos_v = self._bank_positions()
+        # One state for the whole sequence: the control token and the two token banks (which
+        # start at zero) are all updated residually by the same transformer output.
+        state = torch.cat([ctx[:, None], ctx.new_zeros(B, 2 * r, cfg.hidden_dim)], dim=1)
+        step_inputs = self._step_inputs(ctx)
         keep = 1.0 - cfg.token_dropout
         for step in range(cfg.num_steps):
-            control = ctx + self._step_vector(step, ctx) + pos_ctx
-            seq = torch.cat([control[:, None], u + pos_u, v + pos_v], dim=1)
-            out = self.transformer(seq)
-            ctx = ctx + out[:, 0]
-            u = u + out[:, 1 : r + 1]
-            v = v + out[:, r + 1 :]
+            state = state + self.transformer(state + step_inputs[step])
             if self.training and cfg.token_dropout > 0:
-                u = u * (torch.rand(B, r, 1, device=u.device) < keep).to(u.dtype)
-                v = v * (torch.rand(B, r, 1, device=v.device) < keep).to(v.dtype)
+                drop_u = (torch.rand(B, r, 1, device=q.device) < keep).to(state.dtype)
+                drop_v = (torch.rand(B, r, 1, device=q.device) < keep).to(state.dtype)
+                state = state * torch.cat([drop_u.new_ones(B, 1, 1), drop_u, drop_v], dim=1)
+        ctx, u, v = state[:, 0], state[:, 1 : r + 1], state[:, r + 1 :]
 
         lam = cfg.query_residual_weight
         refined = self.query_decoder(ctx)

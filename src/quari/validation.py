@@ -55,6 +55,7 @@ def as_embeddings(
     dtype: torch.dtype | None = torch.float32,
     device: torch.device | str | None = None,
     allow_empty: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """Validates a batch of embeddings and returns it as a floating tensor.
 
@@ -67,6 +68,8 @@ def as_embeddings(
         dtype: Floating dtype to convert to, or ``None`` to keep a floating input's dtype.
         device: Device to move to (``None`` keeps the input's device).
         allow_empty: Accept a leading axis of length zero.
+        check_finite: Look for NaN/Inf values (a device synchronisation on GPU). ``False``
+            is for callers that check finiteness themselves later (the CUDA-graph path).
 
     Returns:
         The checked tensor.
@@ -102,7 +105,7 @@ def as_embeddings(
         t = t.to(dtype)
     if device is not None or dtype is not None:
         t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
-    bad = nonfinite_rows(t.reshape(-1, dim))
+    bad = nonfinite_rows(t.reshape(-1, dim)) if check_finite else t.new_empty(0)
     if bad.numel():
         first = int(bad[0])
         where = np.unravel_index(first, tuple(t.shape[:-1]))
