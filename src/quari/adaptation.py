@@ -88,6 +88,8 @@ class Adaptation:
         V: (B, E, r) input-side factor.
         variant: ``"paper"`` (T = U Vᵀ) or ``"reference"`` (T = I + α U Vᵀ).
         anchor_scale: α of the reference variant; must be 0 for the paper variant.
+        normalized: ``refined_query`` is already unit-norm (as the model makes it): skip
+            normalising it again.
 
     Example:
         >>> B, E, r = 2, 16, 4
@@ -105,6 +107,8 @@ class Adaptation:
         V: torch.Tensor,
         variant: str = "paper",
         anchor_scale: float = 0.0,
+        *,
+        normalized: bool = False,
     ) -> None:
         if variant not in ("paper", "reference"):
             raise QuARIInputError(f"variant must be 'paper' or 'reference', got {variant!r}")
@@ -124,7 +128,7 @@ class Adaptation:
                 f"refined_query must be (B, E) = ({B}, {E}) to match U, got "
                 f"{tuple(refined_query.shape)}"
             )
-        self.refined_query = F.normalize(refined_query, dim=-1)
+        self.refined_query = refined_query if normalized else F.normalize(refined_query, dim=-1)
         self.U = U
         self.V = V
         self.variant = variant

@@ -273,8 +273,8 @@ class QuARIModel(nn.Module):
             q = as_embeddings(q, cfg.embedding_dim, "queries", normalize=normalize, dtype=None)
             refined, U, V = self._predict(q)
         if cfg.variant == "paper":
-            return Adaptation(refined, U, V)
-        return Adaptation(refined, U, V, variant="reference", anchor_scale=cfg.anchor_scale)
+            return Adaptation(refined, U, V, normalized=True)
+        return Adaptation(refined, U, V, "reference", cfg.anchor_scale, normalized=True)
 
     def _predict(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensor computation of :meth:`forward` on checked queries: (q′, U, V)."""

@@ -100,7 +100,7 @@ class GraphedForward:
             finite = torch.isfinite(q).all()
             out = base(F.normalize(q, dim=-1).to(dtype))
             # One flat fp32 buffer [q′ | U | V] per row: a single copy takes it out.
-            return torch.cat([t.float().flatten(1) for t in out], dim=1), finite
+            return torch.cat([t.flatten(1) for t in out], dim=1).float(), finite
 
         tf32 = torch.backends.cuda.matmul.allow_tf32
         # The kernels recorded at capture time are what every replay runs, so the switch

@@ -160,9 +160,10 @@ def select_topk(
     Args:
         scores: (B, n) scores.
         k: Results per row, 1 ≤ k ≤ n.
-        block: Scores per block; ``None`` picks a power of two near √(n / k) on CUDA (where
-            it was measured faster) and plain ``torch.topk`` elsewhere or for rows too
-            short to gain.
+        block: Scores per block; ``None`` picks a power of two near √(n / k) on CUDA for
+            B ≥ 8 rows of B·n ≥ 32M scores (H200: 0.06 against 0.15 ms/query at 10M × 8,
+            0.03 against 0.11 at 10M × 32), and plain ``torch.topk`` otherwise (a single
+            row's two selections cost more than one: 0.33 against 0.17 ms at 1M × 1).
 
     Returns:
         ``(values, indices)``, each (B, k), best first; ties may be broken differently
@@ -176,7 +177,8 @@ def select_topk(
     B, n = scores.shape
     if block is None:
         block = 1 << max(0, round(math.log2(max(1.0, n / k)) / 2))
-        block = block if block >= 8 and scores.device.type == "cuda" else 1
+        wide = B >= 8 and B * n >= 32 << 20 and scores.device.type == "cuda"
+        block = block if block >= 8 and wide else 1
     full_blocks = n // block
     if block <= 1 or full_blocks <= k:
         return tuple(torch.topk(scores, k, dim=1))
