@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from quari.eval.synthetic import (
     ClusteredSpec,
     PlantedSpec,
     clustered_vectors,
+    planted_768,
     planted_pairs,
     write_clustered_set,
+    write_planted_gallery,
     write_planted_set,
 )
 from quari.store import EmbeddingSet
@@ -75,3 +78,52 @@ def test_planted_set_groups_captions_by_image(tmp_path):
     assert (img.reshape(30, 3, -1) == img[::3, None]).all()  # the image repeats per caption
     txt = eset.gather(np.arange(90), "text")
     assert not (txt.reshape(30, 3, -1) == txt[::3, None]).all()  # captions differ
+
+
+@pytest.mark.slow  # drawing the 100 bases of E = 768 takes ~10-20 s on 2 cores
+def test_planted_768_hides_the_match_from_cosine_but_not_from_the_oracle():
+    spec = planted_768()
+    assert (spec.dim, spec.subspace_dim) == (768, 32) and spec == planted_768()
+    # 2,000 images (20 per cluster) keep this fast; the docstring's 100k numbers are lower.
+    d = planted_pairs(spec, 2000, seed=7)
+    q = np.arange(300)
+    cosine = float(((d.texts[q] @ d.images.T).argmax(1) == q).mean())
+    assert 0.6 < cosine < 0.95, cosine  # the nuisance hides the match for a good share
+    hits = []
+    for k in np.unique(d.cluster[q])[:10]:
+        sel = q[d.cluster[q] == k]
+        basis = spec.subspace_basis(k)
+        z = d.images @ basis
+        scores = (d.texts[sel] @ basis) @ z.T / np.linalg.norm(z, axis=1)
+        hits.extend(scores.argmax(1) == sel)
+    assert len(hits) >= 20 and np.mean(hits) == 1.0
+
+
+def test_planted_gallery_is_written_shard_by_shard_with_its_captions(tmp_path):
+    spec = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
+    eset = write_planted_gallery(tmp_path / "g", 250, spec, seed=5, shard_rows=100)
+    assert [s.rows for s in eset.shards] == [100, 100, 50] and eset.has_text
+    meta = eset.metadata(np.arange(250))
+    assert meta.column("image_id").to_pylist() == list(range(250))
+    img = eset.gather(np.arange(250)).astype(np.float32)
+    txt = eset.gather(np.arange(250), "text").astype(np.float32)
+    # Shard i is the draw planted_pairs(seed=[seed, i]): same images, clusters and captions.
+    first = planted_pairs(spec, 100, seed=[5, 0])
+    np.testing.assert_allclose(img[:100], first.images, atol=1e-3)
+    np.testing.assert_allclose(txt[:100], first.texts, atol=1e-3)
+    assert meta.column("cluster").to_pylist()[:100] == first.cluster.tolist()
+    # Shards are distinct draws, and row i's caption belongs to image i.
+    assert not np.allclose(img[:50], img[100:150], atol=0.1)
+    own = np.einsum("ij,ij->i", txt, img)
+    assert own.mean() > (txt @ img.T).mean() + 0.2
+    again = write_planted_gallery(tmp_path / "h", 250, spec, seed=5, shard_rows=100)
+    assert np.array_equal(again.gather(np.arange(250)), eset.gather(np.arange(250)))
+
+
+def test_planted_gallery_without_captions_and_bad_sizes(tmp_path):
+    spec = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
+    eset = write_planted_gallery(tmp_path / "g", 30, spec, seed=1, captions=False)
+    assert eset.rows == 30 and not eset.has_text
+    for images, shard_rows in [(0, 10), (10, 0)]:
+        with pytest.raises(ValueError, match="must be ≥ 1"):
+            write_planted_gallery(tmp_path / "x", images, spec, seed=1, shard_rows=shard_rows)
