@@ -18,7 +18,7 @@ focuses on a subspace spanned by the query and its nearest cluster centroids plu
 directions — the geometry a trained QuARI model produces (ranking changes inside the query's
 neighbourhood), with no training needed.
 
-With ``--data planted --model FOLDER`` the model is a *trained* one (a model folder from
+With ``--dataset planted --model FOLDER`` the model is a *trained* one (a model folder from
 ``quari train``) and the gallery is a held-out planted gallery of its training distribution
 (:func:`quari.eval.synthetic.planted_768` by default: N images drawn with ``--planted-seed``,
 one caption each, written once under ``benchmarks/data/``). Queries are captions of random
@@ -32,7 +32,7 @@ Usage::
     python benchmarks/bench_search.py --quick         # a smoke run
     python benchmarks/bench_search.py --sizes 10000000 --variants paper --queries 8 \
         --scan-queries 1 --out benchmarks/results/bench_search_10m.json   # the 10M-row check
-    python benchmarks/bench_search.py --data planted --model MODEL_FOLDER \
+    python benchmarks/bench_search.py --dataset planted --model MODEL_FOLDER \
         --sizes 100000 1000000     # a trained model → results/bench_search_trained.json
 """
 
@@ -66,6 +66,7 @@ from quari.retriever import Retriever
 from quari.store import EmbeddingSet
 
 HERE = Path(__file__).resolve().parent
+PLANTED_ENCODER = "synthetic:planted"  # the encoder id write_planted_set/_gallery record
 
 
 class PlantedAdapter(nn.Module):
@@ -154,7 +155,7 @@ def planted_dataset(rows: int, spec: PlantedSpec, seed: int, root: Path) -> Embe
             )
         return eset
     print(f"  writing {rows:,} × {spec.dim} planted gallery to {path}", flush=True)
-    return write_planted_gallery(path, rows, spec, seed=seed)
+    return write_planted_gallery(path, rows, spec, seed=seed, encoder=PLANTED_ENCODER)
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -178,6 +179,12 @@ def load_trained(folder: Path, dim: int) -> QuARIModel:
         raise SystemExit(
             f"--model {folder}: the model expects {model.embedding_dim}-d embeddings, the "
             f"planted data is {dim}-d (train on planted_768() data, or pick another spec)"
+        )
+    encoder = model.metadata.get("encoder")
+    if encoder and encoder != PLANTED_ENCODER:
+        raise SystemExit(
+            f"--model {folder}: trained on {encoder!r} embeddings, not on planted data "
+            f"({PLANTED_ENCODER!r}); the planted benchmark needs a model trained on it"
         )
     return model
 
@@ -380,6 +387,8 @@ def main() -> None:
             dim, args.rows_per_cluster = 64, 500
         args.sizes, args.queries, args.scan_queries, args.K, args.k = [5_000], 4, 2, 200, 20
         args.k_sweep, args.task_queries, args.factory_1m = [200, 800], 64, None
+    if planted and args.k < 10:
+        parser.error(f"--dataset planted reports recall@10, so --k must be ≥ 10 (got {args.k})")
     print(
         f"quari {quari.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}",
         flush=True,
