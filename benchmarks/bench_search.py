@@ -232,7 +232,8 @@ def bench_planted(
     n = min(rows, max(args.queries, args.task_queries))
     true_rows = np.random.default_rng(10_000).choice(rows, n, replace=False)
     queries = eset.gather(true_rows, "text").astype(np.float32)
-    return bench_models(eset, index, queries, {"trained": model}, args, true_rows)
+    label = f"trained-{model.config.variant}"
+    return bench_models(eset, index, queries, {label: model}, args, true_rows)
 
 
 def bench_models(
