@@ -18,12 +18,22 @@ focuses on a subspace spanned by the query and its nearest cluster centroids plu
 directions — the geometry a trained QuARI model produces (ranking changes inside the query's
 neighbourhood), with no training needed.
 
+With ``--dataset planted --model FOLDER`` the model is a *trained* one (a model folder from
+``quari train``) and the gallery is a held-out planted gallery of its training distribution
+(:func:`quari.eval.synthetic.planted_768` by default: N images drawn with ``--planted-seed``,
+one caption each, written once under ``benchmarks/data/``). Queries are captions of random
+gallery images, so besides the numbers above the run reports the *task* metric of every mode:
+caption → image recall@1 and @10 against the true image (over ``--task-queries`` captions),
+i.e. whether the trained model beats cosine (``plain``) on its own data.
+
 Usage::
 
     python benchmarks/bench_search.py                 # N = 100k and 1M (~20 min on 2 cores)
     python benchmarks/bench_search.py --quick         # a smoke run
     python benchmarks/bench_search.py --sizes 10000000 --variants paper --queries 8 \
         --scan-queries 1 --out benchmarks/results/bench_search_10m.json   # the 10M-row check
+    python benchmarks/bench_search.py --dataset planted --model MODEL_FOLDER \
+        --sizes 100000 1000000     # a trained model → results/bench_search_trained.json
 """
 
 from __future__ import annotations
@@ -41,12 +51,22 @@ from torch import nn
 
 import quari
 from quari import Adaptation
-from quari.eval.synthetic import ClusteredSpec, clustered_vectors, write_clustered_set
+from quari.checkpoint import CheckpointError, load
+from quari.eval.synthetic import (
+    ClusteredSpec,
+    PlantedSpec,
+    clustered_vectors,
+    planted_768,
+    write_clustered_set,
+    write_planted_gallery,
+)
+from quari.hypernet import QuARIModel
 from quari.index import CandidateIndex, IndexConfig
 from quari.retriever import Retriever
 from quari.store import EmbeddingSet
 
 HERE = Path(__file__).resolve().parent
+PLANTED_ENCODER = "synthetic:planted"  # the encoder id write_planted_set/_gallery record
 
 
 class PlantedAdapter(nn.Module):
@@ -123,14 +143,54 @@ def dataset(rows: int, spec: ClusteredSpec, root: Path) -> EmbeddingSet:
     return write_clustered_set(path, rows, spec)
 
 
+def planted_dataset(rows: int, spec: PlantedSpec, seed: int, root: Path) -> EmbeddingSet:
+    """The held-out planted gallery of ``rows`` images (one caption each), written once."""
+    path = root / f"planted-{rows}-{spec.dim}-{spec.clusters}-{spec.seed}-s{seed}"
+    if (path / "manifest.json").exists():
+        eset = EmbeddingSet.open(path)
+        if eset.encoder_info.get("spec") != vars(spec) or eset.encoder_info.get("seed") != seed:
+            raise SystemExit(
+                f"{path} was written with another planted spec or seed "
+                f"({eset.encoder_info}); delete it to write it anew"
+            )
+        return eset
+    print(f"  writing {rows:,} × {spec.dim} planted gallery to {path}", flush=True)
+    return write_planted_gallery(path, rows, spec, seed=seed, encoder=PLANTED_ENCODER)
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(
         np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
     )
 
 
-def bench_size(rows: int, args, spec: ClusteredSpec) -> tuple[list[dict], list[dict]]:
-    eset = dataset(rows, spec, args.data)
+def task_recall(found: np.ndarray, true_rows: np.ndarray, at: int) -> float:
+    """Share of queries whose true row is among the first ``at`` results."""
+    return float((found[:, :at] == true_rows[:, None]).any(axis=1).mean())
+
+
+def load_trained(folder: Path, dim: int) -> QuARIModel:
+    """The model folder's model, checked against the data's dimension before any data work."""
+    try:
+        model = load(folder)
+    except CheckpointError as e:
+        raise SystemExit(f"--model: {e}") from None
+    if model.embedding_dim != dim:
+        raise SystemExit(
+            f"--model {folder}: the model expects {model.embedding_dim}-d embeddings, the "
+            f"planted data is {dim}-d (train on planted_768() data, or pick another spec)"
+        )
+    encoder = model.metadata.get("encoder")
+    if encoder and encoder != PLANTED_ENCODER:
+        raise SystemExit(
+            f"--model {folder}: trained on {encoder!r} embeddings, not on planted data "
+            f"({PLANTED_ENCODER!r}); the planted benchmark needs a model trained on it"
+        )
+    return model
+
+
+def candidate_index(eset: EmbeddingSet, rows: int, args) -> CandidateIndex:
+    """The set's cached candidate index (built if missing or of another factory)."""
     factory = args.factory_1m if 500_000 < rows <= 2_000_000 else None  # else: by size
     t0 = time.perf_counter()
     if CandidateIndex.exists(eset):
@@ -147,12 +207,55 @@ def bench_size(rows: int, args, spec: ClusteredSpec) -> tuple[list[dict], list[d
         f"(build {index.info.get('build_seconds')} s)",
         flush=True,
     )
+    return index
+
+
+def bench_size(rows: int, args, spec: ClusteredSpec) -> tuple[list[dict], list[dict]]:
+    """The clustered set of ``rows`` rows with the planted adapter of every variant."""
+    eset = dataset(rows, spec, args.data)
+    index = candidate_index(eset, rows, args)
     queries, _ = clustered_vectors(spec, args.queries, seed=10_000, centroids=spec.centroids())
+    models = {v: PlantedAdapter(spec.centroids(), variant=v) for v in args.variants}
+    return bench_models(eset, index, queries, models, args)
+
+
+def bench_planted(
+    rows: int, args, spec: PlantedSpec, model: QuARIModel
+) -> tuple[list[dict], list[dict]]:
+    """The held-out planted gallery of ``rows`` images with the trained model.
+
+    Queries are the stored captions of ``max(--queries, --task-queries)`` random gallery
+    images; the images are the true answers of the task metric.
+    """
+    eset = planted_dataset(rows, spec, args.planted_seed, args.data)
+    index = candidate_index(eset, rows, args)
+    n = min(rows, max(args.queries, args.task_queries))
+    true_rows = np.random.default_rng(10_000).choice(rows, n, replace=False)
+    queries = eset.gather(true_rows, "text").astype(np.float32)
+    label = f"trained-{model.config.variant}"
+    return bench_models(eset, index, queries, {label: model}, args, true_rows)
+
+
+def bench_models(
+    eset: EmbeddingSet,
+    index: CandidateIndex,
+    queries: np.ndarray,
+    models: dict[str, nn.Module],
+    args,
+    true_rows: np.ndarray | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Latency, memory and recall vs scan of every mode for each model, then the K sweep.
+
+    Latency uses the first ``--queries`` queries (``--scan-queries`` for scan at B = 1) and
+    the first 32 at B = 32; recall vs scan the first 32. With ``true_rows`` (each query's true
+    row), every mode also answers all queries at B = 32 for the task recall@1 and @10.
+    """
+    rows = len(eset)
     out, sweep = [], []
-    for variant in args.variants:
-        model = PlantedAdapter(spec.centroids(), variant=variant)
-        retriever = Retriever(eset, model, index, batch_size=32)
-        truth = retriever.search(queries, args.k, mode="scan", with_metadata=False).ids
+    for variant, model in models.items():
+        retriever = Retriever(eset, model, index, batch_size=32, device=args.device)
+        scan = retriever.search(queries, args.k, mode="scan", with_metadata=False).ids
+        truth = scan[:32]
         for mode in ("plain", "rerank", "adaptive", "scan"):
             n1 = args.scan_queries if mode == "scan" else args.queries
             times = []
@@ -182,11 +285,26 @@ def bench_size(rows: int, args, spec: ClusteredSpec) -> tuple[list[dict], list[d
                 "peak_anon_mib": round(mem.peak, 1),
                 "recall_at_k_vs_scan": recall(batched.ids, truth[:32]) if mode != "plain" else None,
             }
+            task = ""
+            if true_rows is not None:
+                found = (
+                    scan
+                    if mode == "scan"
+                    else retriever.search(
+                        queries, args.k, mode=mode, candidates=args.K, with_metadata=False
+                    ).ids
+                )
+                row["task_queries"] = len(true_rows)
+                row["task_recall_at_1"] = task_recall(found, true_rows, 1)
+                row["task_recall_at_10"] = task_recall(found, true_rows, 10)
+                task = (
+                    f"  task R@1 {row['task_recall_at_1']:.3f} R@10 {row['task_recall_at_10']:.3f}"
+                )
             out.append(row)
             print(
                 f"    {variant:9s} {mode:8s} b1 {row['ms_per_query_b1']:9.2f} ms  "
                 f"b32 {row['ms_per_query_b32']:8.2f} ms/q  mem {row['peak_anon_mib']:7.0f} MiB"
-                f"  recall {row['recall_at_k_vs_scan']}",
+                f"  recall {row['recall_at_k_vs_scan']}{task}",
                 flush=True,
             )
         for K in args.k_sweep:
@@ -230,34 +348,73 @@ def main() -> None:
         help="index for sets of 0.5–2M rows (the size rule picks Flat up to 1M; IVF shows the "
         "latency an approximate index gives)",
     )
-    parser.add_argument("--data", type=Path, default=HERE / "data")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_search.json")
+    parser.add_argument("--data", type=Path, default=HERE / "data", help="data cache folder")
+    parser.add_argument(
+        "--dataset",
+        choices=["clustered", "planted"],
+        default="clustered",
+        help="clustered: the planted adapter on clustered sets; planted: a trained --model on "
+        "a held-out planted gallery (planted_768), with the task recall",
+    )
+    parser.add_argument("--model", type=Path, help="model folder (config.json, model.safetensors)")
+    parser.add_argument(
+        "--planted-seed",
+        type=int,
+        default=1000,
+        help="draw seed of the planted gallery (training data: write_planted_set seed=1)",
+    )
+    parser.add_argument(
+        "--task-queries",
+        type=int,
+        default=500,
+        help="planted: captions whose true-image recall@1/@10 every mode reports",
+    )
+    parser.add_argument("--device", default="cpu", help="device of the model and the scoring")
+    parser.add_argument("--out", type=Path, help="results JSON (default: by --dataset)")
     args = parser.parse_args()
-    dim = 768
+    planted = args.dataset == "planted"
+    if planted and args.model is None:
+        parser.error("--dataset planted needs --model MODEL_FOLDER (a trained model)")
+    if not planted and args.model is not None:
+        parser.error("--model is used with --dataset planted (its training distribution)")
+    if args.out is None:
+        name = "bench_search_trained.json" if planted else "bench_search.json"
+        args.out = HERE / "results" / name
+    planted_spec = planted_768()
+    dim = planted_spec.dim if planted else 768
+    model = load_trained(args.model, dim) if planted else None
     if args.quick:
-        dim, args.rows_per_cluster, args.k_sweep = 64, 500, [200, 800]
+        if not planted:
+            dim, args.rows_per_cluster = 64, 500
         args.sizes, args.queries, args.scan_queries, args.K, args.k = [5_000], 4, 2, 200, 20
-        args.factory_1m = None
+        args.k_sweep, args.task_queries, args.factory_1m = [200, 800], 64, None
+    if planted and args.k < 10:
+        parser.error(f"--dataset planted reports recall@10, so --k must be ≥ 10 (got {args.k})")
     print(
         f"quari {quari.__version__}  torch {torch.__version__}  threads {torch.get_num_threads()}",
         flush=True,
     )
     rows, sweeps = [], []
     for n in args.sizes:
-        spec = ClusteredSpec(dim=dim, clusters=max(10, n // args.rows_per_cluster))
-        got, sweep = bench_size(n, args, spec)
+        if planted:
+            got, sweep = bench_planted(n, args, planted_spec, model)
+        else:
+            spec = ClusteredSpec(dim=dim, clusters=max(10, n // args.rows_per_cluster))
+            got, sweep = bench_size(n, args, spec)
         rows.extend(got)
         sweeps.extend(sweep)
+    task_head = " task R@1 | task R@10 |" if planted else ""
     print(
         "\n| N | index | variant | mode | ms/query B=1 | ms/query B=32 | peak anon MiB | "
-        "recall@k vs scan |\n|---|---|---|---|---|---|---|---|"
+        f"recall@k vs scan |{task_head}\n|---|---|---|---|---|---|---|---|" + "---|---|" * planted
     )
     for r in rows:
         rec = "—" if r["recall_at_k_vs_scan"] is None else f"{r['recall_at_k_vs_scan']:.3f}"
+        task = f" {r['task_recall_at_1']:.3f} | {r['task_recall_at_10']:.3f} |" if planted else ""
         print(
             f"| {r['N']:,} | {r['index']} | {r['variant']} | {r['mode']} | "
             f"{r['ms_per_query_b1']:.2f} | {r['ms_per_query_b32']:.2f} | "
-            f"{r['peak_anon_mib']:.0f} | {rec} |"
+            f"{r['peak_anon_mib']:.0f} | {rec} |{task}"
         )
     print(
         "\n| N | variant | mode | K | ms/query B=32 | recall@k vs scan |\n|---|---|---|---|---|---|"
@@ -276,6 +433,18 @@ def main() -> None:
         "rows_per_cluster": args.rows_per_cluster,
         "quick": args.quick,
     }
+    if planted:
+        del settings["rows_per_cluster"]
+        settings.update(
+            dataset="planted",
+            planted_spec=vars(planted_spec),
+            planted_seed=args.planted_seed,
+            task_queries=args.task_queries,
+            device=args.device,
+            model=str(args.model),
+            model_config=model.config.to_dict(),
+            model_metadata=model.metadata,
+        )
     args.out.write_text(
         json.dumps(
             {

@@ -180,7 +180,7 @@ def planted_768() -> PlantedSpec:
     """The paper-sized planted spec (E = 768) that QuARI models are trained and benchmarked on.
 
     A model trained on pairs of this spec (``write_planted_set(..., planted_768(), seed=1)``)
-    is in distribution only on this spec: ``benchmarks/bench_search.py --data planted`` writes
+    is in distribution only on this spec: ``benchmarks/bench_search.py --dataset planted`` writes
     its held-out gallery with the same spec (same centroids and bases, ``spec.seed`` = 0) and
     another draw seed, and checks that the model beats cosine there.
 
@@ -212,7 +212,9 @@ def planted_768() -> PlantedSpec:
     ======================  ==============  ===============  ================
 
     Cosine's top-1 is in the caption's cluster for ≥ 99.8% of queries. Cosine recall falls as
-    the gallery grows (more same-cluster distractors); the oracle stays at 1.
+    the gallery grows (more same-cluster distractors); the oracle stays at 1. With 10,000
+    images per cluster, as in a 1M gallery (measured on 100,000 images of the same spec with
+    ``clusters=10``), cosine R@1 is 0.151 and R@10 0.393.
 
     Example:
         >>> spec = planted_768()
