@@ -180,3 +180,15 @@ def test_set_info_and_verify(workspace):
     out = runner.invoke(app, ["set", "verify", str(tmp / "set")])
     assert out.exit_code == 2 and "img_emb_2.npy: checksum differs" in out.output
     assert EmbeddingSet.open(tmp / "set").rows == 750
+
+
+def test_python_dash_m_quari_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "quari", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("search", "train", "embed", "index"):
+        assert command in done.stdout
