@@ -4,8 +4,11 @@
   (``scan_triton``) for fp16/bf16 rows where Triton is available, else a torch path (half GEMM
   with fp32 output, then the epilogue). :meth:`quari.Adaptation.scan` calls it for CUDA
   adaptations; set ``QUARI_DISABLE_TRITON=1`` to force the torch path.
-* CUDA graphs for the hypernetwork at small batches (``graphs``):
-  :meth:`quari.QuARIModel.enable_cuda_graphs`.
+* :func:`~quari.kernels.scan.select_topk` — the exact per-segment selection (block maxima
+  for wide batches on CUDA, ``torch.topk`` otherwise).
+* CUDA graphs (``graphs``): the hypernetwork at small batches
+  (:meth:`quari.QuARIModel.enable_cuda_graphs`) and ``GraphedScan``, the scan of a resident
+  gallery with no host work per call.
 
 Triton is imported lazily, on first use, so importing quari never needs it and tests can set
 ``TRITON_INTERPRET=1`` before it loads.

@@ -1,4 +1,5 @@
-"""CUDA graphs for the hypernetwork's forward pass at small batches.
+"""CUDA graphs: the hypernetwork's forward pass at small batches (:class:`GraphedForward`) and
+the exact scan of a gallery resident on the GPU (:class:`GraphedScan`).
 
 At batch 1 the forward pass is a chain of a few hundred small kernels whose launch cost, not
 their arithmetic, sets the latency (GPU.md: 3.5 ms eager, 0.6 ms as one graph on an H200). A
