@@ -10,7 +10,7 @@ import torch
 from quari import Adaptation, HyperNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "official-small"
+FIXTURE = REPO / "tests" / "fixtures" / "official-small"
 
 
 def tiny_config(variant: str = "paper", **overrides) -> HyperNetConfig:

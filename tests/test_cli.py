@@ -135,14 +135,10 @@ def test_plain_and_scan_need_no_index_or_model(workspace):
             ["search", "{set}", "--mode", "plain", "--query-embeddings", "{q}", "--where", "a +"],
             "syntax error",
         ),
-        (["search", "{tmp}/nowhere", "--query-rows", "1"], "not a folder"),
-        (
-            ["search", "{set}", "--model", "{tmp}", "--query-rows", "1"],
-            "neither a quari model folder",
-        ),
+        (["search", "{tmp}/nowhere", "--query-rows", "1"], "no such folder"),
     ],
 )
-def test_errors_are_one_line_and_exit_2(workspace, args, message):
+def test_bad_input_is_one_line_and_exit_2(workspace, args, message):
     app, tmp, *_ = workspace
     np.save(tmp / "bad.npy", np.ones((1, 5), np.float32))
     fill = {
@@ -157,12 +153,20 @@ def test_errors_are_one_line_and_exit_2(workspace, args, message):
     assert message in " ".join(out.output.split()) and "Traceback" not in out.output
 
 
+def test_a_folder_that_holds_no_model_is_a_model_error(workspace):
+    app, tmp, *_ = workspace
+    out = runner.invoke(app, ["search", str(tmp / "set"), "--model", str(tmp), "--query-rows", "1"])
+    assert out.exit_code == 4, out.output  # model error (quari.errors table)
+    assert "neither a quari model folder" in " ".join(out.output.split())
+    assert "Traceback" not in out.output
+
+
 def test_stale_index_and_update(workspace):
     app, tmp, eset, *_ = workspace
     runner.invoke(app, ["index", "build", str(tmp / "set"), "--quiet"])
     eset.append(np.ones((2, 24)), {"group": [0, 1], "name": ["a", "b"]})
     out = runner.invoke(app, ["search", str(tmp / "set"), "--mode", "plain", "--query-rows", "1"])
-    assert out.exit_code == 2 and "stale" in out.output
+    assert out.exit_code == 3 and "stale" in out.output  # bad data (quari.errors table)
     out = runner.invoke(app, ["index", "build", str(tmp / "set"), "--update"])
     assert out.exit_code == 0 and "752 rows is up to date" in out.output
 
@@ -178,7 +182,7 @@ def test_set_info_and_verify(workspace):
     x[1, 1] = -x[1, 1]
     np.save(p, x)
     out = runner.invoke(app, ["set", "verify", str(tmp / "set")])
-    assert out.exit_code == 2 and "img_emb_2.npy: checksum differs" in out.output
+    assert out.exit_code == 3 and "img_emb_2.npy: checksum differs" in out.output
     assert EmbeddingSet.open(tmp / "set").rows == 750
 
 

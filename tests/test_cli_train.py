@@ -70,7 +70,7 @@ def test_mine_writes_semipositives_and_resumes(app, tmp_path):
     semi = load_semipositives(EmbeddingSet.open(tmp_path / "set"), MiningConfig(k=10))
     assert semi.ids.shape == (80, 2)
     out = runner.invoke(app, ["mine", str(tmp_path / "set"), "--k", "12", "--quiet"])
-    assert out.exit_code == 2 and "stale" in out.output and "--overwrite" in out.output
+    assert out.exit_code == 3 and "stale" in out.output and "--overwrite" in out.output
     out = runner.invoke(app, ["mine", str(tmp_path / "set"), "--k", "12", "--overwrite", "--quiet"])
     assert out.exit_code == 0, out.output
 
@@ -88,7 +88,7 @@ def test_train_with_ablation_switches_then_resume(app, tmp_path):
     assert saved["semipos"] is False and saved["noise_scale"] == 0.0 and saved["seed"] == 3
     assert not (tmp_path / "set" / "semipos").exists()  # no mining without semi-positives
     again = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
-    assert again.exit_code == 2 and "--resume" in again.output
+    assert again.exit_code == 6 and "--resume" in again.output  # training stopped
     resumed = runner.invoke(
         app, [*args, "--variant", "reference", "--preset", "reference", "--resume"]
     )
@@ -107,7 +107,7 @@ def test_train_errors_are_one_line(app, tmp_path):
     out = runner.invoke(app, [*tiny_args(tmp_path), "--val", str(tmp_path / "notext")])
     assert out.exit_code == 2 and "no text embeddings" in out.output
     out = runner.invoke(app, tiny_args(tmp_path, "--resume"))
-    assert out.exit_code == 2 and "no checkpoint to resume from" in out.output
+    assert out.exit_code == 6 and "no checkpoint to resume from" in out.output
     out = runner.invoke(app, [*tiny_args(tmp_path), "--train", f"{tmp_path / 'set'}:0.5"])
     assert out.exit_code == 2 and "ratio" in out.output
 

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from quari.encoders import EncoderError, load_encoder
+from quari.encoders import load_encoder
+from quari.errors import MissingDependencyError
 
 
 def _open_clip_or_none():
@@ -34,7 +35,7 @@ def test_the_core_never_imports_torchvision():
 @pytest.mark.skipif(_open_clip_or_none() is not None, reason="open_clip is importable here")
 def test_without_open_clip_the_spec_names_the_extra():
     for spec in ("open_clip:ViT-B-32/", "local-dir:/nowhere"):
-        with pytest.raises(EncoderError, match=r"quari\[openclip\]"):
+        with pytest.raises(MissingDependencyError, match=r"quari\[openclip\]"):
             load_encoder(spec)
 
 

@@ -20,7 +20,15 @@ except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+source"
 
 from quari.adaptation import Adaptation, TopK
+from quari.errors import QuARIError, QuARIInputError
 from quari.hypernet import HyperNetConfig, QuARIModel
-from quari.validation import QuARIInputError
 
-__all__ = ["Adaptation", "HyperNetConfig", "QuARIInputError", "QuARIModel", "TopK", "__version__"]
+__all__ = [
+    "Adaptation",
+    "HyperNetConfig",
+    "QuARIError",
+    "QuARIInputError",
+    "QuARIModel",
+    "TopK",
+    "__version__",
+]

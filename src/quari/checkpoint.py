@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from quari import __version__
+from quari.errors import CheckpointError
 from quari.fileio import atomic_write, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
 
@@ -57,10 +58,6 @@ _REFERENCE_KEYS = {
     "pos_emb": "positions",
     "pos_scale": "position_scale",
 }
-
-
-class CheckpointError(ValueError):
-    """A model folder or checkpoint file is missing, corrupt, or does not fit the model."""
 
 
 def save(model: QuARIModel, folder: str | os.PathLike[str]) -> Path:

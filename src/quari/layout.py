@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from quari import __version__
+from quari.errors import StoreError
 from quari.fileio import read_json
 
 __all__ = ["Layout", "Shard", "ShardFile", "StoreError", "npy_header", "parquet_rows"]
@@ -24,10 +25,6 @@ MANIFEST = "manifest.json"
 FORMAT = "quari-embedding-set"
 FORMAT_VERSION = 1
 _SHARD_RE = re.compile(r"^img_emb_(\d+)\.npy$")
-
-
-class StoreError(ValueError):
-    """An embedding set's files are missing, corrupt or inconsistent (the message names them)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
+from quari.errors import NotFoundError, QuARIInputError
 from quari.fileio import atomic_write, sha256_file
 from quari.layout import (
     MANIFEST,
@@ -50,7 +51,7 @@ from quari.layout import (
     parquet_rows,
     read_manifest,
 )
-from quari.validation import QuARIInputError, as_embeddings
+from quari.validation import as_embeddings
 
 __all__ = ["EmbeddingSet", "Shard", "StoreError"]  # Shard, StoreError: from quari.layout
 
@@ -146,11 +147,13 @@ class EmbeddingSet:
                 ``quari embed``) should pass this.
 
         Raises:
+            NotFoundError: ``root`` is not a folder.
             StoreError: naming the file and the problem.
         """
         root = Path(root)
         if not root.is_dir():
-            raise StoreError(f"{root}: not a folder")
+            what = "not a folder" if root.exists() else "no such folder"
+            raise NotFoundError(f"{root}: {what}; expected an embedding set folder")
         manifest = root / MANIFEST
         layout = read_manifest(manifest) if manifest.exists() else infer_layout(root)
         eset = cls(root, **vars(layout))
@@ -289,7 +292,7 @@ class EmbeddingSet:
         arr = arr.astype(np.int64, copy=False).reshape(-1)
         bad = (arr < 0) | (arr >= self.rows)
         if bad.any():
-            raise QuARIInputError(
+            raise NotFoundError(
                 f"unknown row id {int(arr[bad][0])}: the set has rows 0 … {self.rows - 1}"
             )
         return arr

@@ -13,11 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from quari.errors import QuARIInputError
+
 __all__ = ["QuARIInputError", "as_embeddings", "check_k", "nonfinite_rows"]
-
-
-class QuARIInputError(ValueError):
-    """Raised when an argument has the wrong shape, dimension, dtype or values."""
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:

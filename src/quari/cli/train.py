@@ -5,31 +5,15 @@ Lightning is imported inside ``train`` only, so other commands start fast.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from quari.cli import app, console, err_console, friendly_errors
+from quari.cli import app, console, friendly_errors
 from quari.store import EmbeddingSet
 from quari.training.config import TrainConfig, TrainSource
-from quari.training.errors import TrainingError
 from quari.training.mining import MiningConfig, mine_semipositives
-
-
-def training_errors(fn: Any) -> Any:
-    """Training stops (NaN loss, run folders) print one line and exit 2, like input errors."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TrainingError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.command()
@@ -61,7 +45,6 @@ def mine(
 
 @app.command("train")
 @friendly_errors
-@training_errors
 def train_command(
     train: Annotated[
         list[str],

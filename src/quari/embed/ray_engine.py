@@ -26,6 +26,7 @@ from PIL import Image
 from quari.embed.job import ChunkBuffer, EmbedConfig, decode_item
 from quari.embed.sources import Source
 from quari.encoders import Encoder, EncoderConfig, EncoderError, load_encoder
+from quari.errors import missing_extra
 
 __all__ = ["run_ray"]
 
@@ -90,9 +91,7 @@ def run_ray(
         import ray
         import ray.data
     except ImportError as exc:
-        raise EncoderError(
-            f"--engine ray needs Ray Data: pip install 'quari[distributed]' ({exc})"
-        ) from exc
+        raise missing_extra("--engine ray", "distributed", exc) from exc
     spec = getattr(encoder, "spec", None)
     if not isinstance(spec, str):
         raise EncoderError("the Ray engine needs an encoder made by load_encoder (a spec string)")

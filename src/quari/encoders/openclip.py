@@ -3,9 +3,10 @@
 
 open_clip needs torchvision, and torchvision must be built for the installed torch (a PyPI
 torchvision beside a CPU torch fails to load). So this module is imported only when such a
-spec is asked for, never by the core, and a failing import becomes an :class:`EncoderError`
-that names the extra. The transforms come from ``create_model_and_transforms`` for the same
-model and tag (or the same folder) as the weights, and the tokenizer from ``get_tokenizer``.
+spec is asked for, never by the core, and a failing import becomes a
+:class:`~quari.errors.MissingDependencyError` that names the extra. The transforms come from
+``create_model_and_transforms`` for the same model and tag (or the same folder) as the weights,
+and the tokenizer from ``get_tokenizer``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from quari.encoders import EncoderConfig, EncoderError, TorchEncoder
+from quari.errors import missing_extra
 
 __all__ = ["OpenCLIPEncoder", "OpenCLIPPreprocessor"]
 
@@ -44,10 +46,9 @@ class OpenCLIPEncoder(TorchEncoder):
         try:
             import open_clip
         except Exception as exc:  # ImportError, or torchvision's operator-registration error
-            raise EncoderError(
-                f"{name}: open_clip cannot be imported ({type(exc).__name__}: {exc}); install "
-                "'quari[openclip]' with a torchvision built for your torch"
-            ) from exc
+            # open_clip needs a torchvision built for this torch: say so with the extra.
+            what = f"{name} (with a torchvision built for your torch)"
+            raise missing_extra(what, "openclip", exc) from exc
         kind, _, rest = name.partition(":")
         if kind == "local-dir":
             model_name, pretrained = name, None

@@ -1,10 +1,7 @@
-"""Errors of the training loop (kept free of heavy imports so the CLI can catch them)."""
+"""Errors of the training loop: :class:`quari.errors.TrainingError`, kept importable here."""
 
 from __future__ import annotations
 
+from quari.errors import TrainingError
+
 __all__ = ["TrainingError"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on: a non-finite loss, or a run folder that cannot be resumed or
-    would be overwritten. The message names the step, the batch and what was kept."""
