@@ -598,7 +598,7 @@ def scan_rows(b: Bench, gallery, variant: str, batches, table: str) -> None:
         for B in batches:
             ad = random_adaptation(b, B, variant, seed=N % 997 + B, dim=p.dim, rank=p.rank)
             t0 = time.perf_counter()
-            ad._projection  # noqa: B018 - the QR form, once per adaptation
+            ad.plan  # noqa: B018 - the QR form, once per adaptation
             b.sync()
             proj_ms = (time.perf_counter() - t0) * 1e3
             columns = p.rank if variant == "paper" else 2 * p.rank + 1
@@ -655,9 +655,7 @@ def scan_rows(b: Bench, gallery, variant: str, batches, table: str) -> None:
             except Exception as exc:
                 row["kernel_only_error"] = repr(exc)[:500]
             try:  # the same scan replayed as a CUDA graph (GraphedScan): no host work
-                alpha = ad.anchor_scale or 0.8
-                graphed = GraphedScan(view, p.k, rank=p.rank, variant=variant,
-                                      anchor_scale=alpha, batch_sizes=(B,))  # fmt: skip
+                graphed = GraphedScan(view, p.k, rank=p.rank, variant=variant, batch_sizes=(B,))
                 med_g, _, _ = b.time_ms(lambda g=graphed, ad=ad: g(ad))
                 row["graphed_ms_per_query"] = med_g / B
                 row["graphed_ratio_to_floor"] = med_g / B / row["floor_ms_per_query"]

@@ -93,13 +93,11 @@ def build(
 
 
 class _Shape:
-    """Just what resolve_config reads from an Adaptation."""
+    """Just what resolve_config reads from a ScoringPlan."""
 
     def __init__(self, batch: int, rank: int, variant: str, dim: int) -> None:
-        self.rank, self.variant, self.embedding_dim, self._batch = rank, variant, dim, batch
-
-    def __len__(self) -> int:
-        return self._batch
+        self.batch, self.rank, self.dim = batch, rank, dim
+        self.reference = variant == "reference"
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_kernel_scores_match_torch_path_and_oracle(shape, variant, dtype):
     out = torch.full((shape[0], shape[3]), float("nan"), device=DEVICE)  # poisoned
     scores = fused_scores(gallery, ad, out=out)
     assert scores is out and torch.isfinite(scores).all(), "every score must be written"
-    assert_close(scores.cpu(), _torch_scores(ad, gallery, None).cpu(), PATH_TOL)
+    assert_close(scores.cpu(), _torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
     assert_close(scores.cpu(), oracle(ad, gallery), ORACLE_TOL[dtype])
 
 
@@ -119,7 +119,7 @@ def test_every_tile_configuration_computes_the_same_scores(variant, case):
     config = config_cases()[case]
     ad, gallery = make_problem(5, 48, 8, 203, variant, torch.float16, seed=case)
     scores = fused_scores(gallery, ad, config=config)
-    assert_close(scores.cpu(), _torch_scores(ad, gallery, None).cpu(), PATH_TOL)
+    assert_close(scores.cpu(), _torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
 
 
 @needs_triton
@@ -401,8 +401,7 @@ def test_gpu_graphed_scan_equals_scan(variant):
 
     ad, gallery = make_problem(4, 768, 64, 50_021, variant, torch.bfloat16, seed=7)
     alpha = ad.anchor_scale
-    scan = GraphedScan(gallery, k=100, rank=64, variant=variant, anchor_scale=alpha,
-                       batch_sizes=(1, 4))  # fmt: skip
+    scan = GraphedScan(gallery, k=100, rank=64, variant=variant, batch_sizes=(1, 4))
     one = Adaptation(ad.refined_query[:1], ad.U[:1], ad.V[:1], variant, alpha)
     fresh = Adaptation.random(4, 768, 64, variant, seed=3, anchor_scale=alpha or 0.8).to("cuda")
     for batch in (ad, one, fresh):  # the third call replays the size-4 graph on new inputs
@@ -416,4 +415,4 @@ def test_gpu_graphed_scan_equals_scan(variant):
     bad = gallery.clone()
     bad[123, 4] = float("nan")
     with pytest.raises(QuARIInputError, match="gallery row 123"):
-        GraphedScan(bad, k=10, rank=64, variant=variant, anchor_scale=alpha)(one)
+        GraphedScan(bad, k=10, rank=64, variant=variant)(one)

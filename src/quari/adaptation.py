@@ -11,16 +11,17 @@ item d for query b is cos(q′_b, T_b d). Nothing here forms an E×E matrix exce
 which exists as a test oracle.
 
 Two exact evaluations of the same score are used, each where it is cheapest
-(``docs/DESIGN.md``, "The math"); write T = c·I + Ũ Vᵀ with Ũ = αU:
+(``docs/method.md`` §4); write T = c·I + Ũ Vᵀ with Ũ = αU:
 
 * **Gram form** (:meth:`Adaptation.score`, differentiable, used by training and re-ranking):
   with z = Vᵀd, a = Ũᵀd, num = c·q′ᵀd + (Ũᵀq′)ᵀz and
   ‖Td‖² = c²‖d‖² + 2c·aᵀz + zᵀ(ŨᵀŨ)z.
-* **QR form** (:meth:`Adaptation.scan`, inference): with Ũ = QR, every quantity becomes a linear
-  projection of d followed by a cheap epilogue — numerator w = Tᵀq′, ‖Td‖² = ‖m‖² +
-  c²(‖d‖² − ‖y‖²) with y = Qᵀd and m = (cQ + V Rᵀ)ᵀd. One GEMM of the gallery against
-  [w | cQ + VRᵀ | Q] (1 + r columns for the paper variant, 1 + 2r for the reference) serves all
-  B queries per chunk read; no N×B×r intermediate outlives one block of ~12 MiB.
+* **QR form** (:meth:`Adaptation.scan`, inference; :class:`quari.scoring.ScoringPlan`): with
+  Ũ = QR, every quantity becomes a linear projection of d followed by a cheap epilogue —
+  numerator w = Tᵀq′, ‖Td‖² = ‖m‖² + c²(‖d‖² − ‖y‖²) with y = Qᵀd and m = (cQ + V Rᵀ)ᵀd. One
+  GEMM of the gallery against [w | cQ + VRᵀ | Q] (r columns for the paper variant, 1 + 2r for
+  the reference) serves all B queries per chunk read; no N×B×r intermediate outlives one block
+  of ~12 MiB.
 
 Gallery vectors need not be unit norm: cos(q′, T(s·d)) = cos(q′, T d) for s > 0, so inputs are
 effectively normalised. A zero vector scores 0 (as ``F.normalize`` would make it).
@@ -30,53 +31,28 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quari.validation import QuARIInputError, as_embeddings, as_tensor, check_k, nonfinite_rows
+from quari.errors import QuARIInputError
+from quari.scoring import (
+    EPS,
+    RunningTopK,
+    ScoringPlan,
+    TopK,
+    checked_chunks,
+    default_block_rows,
+    raise_nonfinite,
+)
+from quari.validation import as_embeddings, as_tensor, check_k
 
-__all__ = ["Adaptation", "TopK"]
-
-_EPS = 1e-12  # the clamp F.normalize uses, so zero-norm items behave like the reference code
-# Target bytes of one scan block (fp32 rows + their projections), processed by one worker
-# thread. Measured on a 2-core Xeon: ~12 MiB (≈3.8k rows at B = 1, ≈1.1k at B = 32) keeps the block
-# in cache while the GEMM still runs at full speed; much smaller or larger blocks cost 20-80 %.
-_BLOCK_BYTES = 12 << 20
-
-
-class TopK(NamedTuple):
-    """Top-k result per query: ``ids`` (B, k) int64 and ``scores`` (B, k) float32, best first.
-
-    Slots a query could not fill (fewer valid candidates than k) hold id −1 and score −inf.
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor
-
-
-class _Projection(NamedTuple):
-    """The QR-form projection of a batch of queries.
-
-    ``per_query`` (B, E, k) holds each query's columns: for the reference variant the
-    numerator column w = Tᵀq′ first, then [cQ + VRᵀ | Q]; for the paper variant only VRᵀ, the
-    numerator being ``num_weights`` (B, r)ᵀ z′. ``flat`` is the same as (E, B·k) for galleries
-    shared by all queries.
-    """
-
-    per_query: torch.Tensor
-    flat: torch.Tensor
-    num_weights: torch.Tensor | None
-
-
-def default_block_rows(dim: int, columns: int) -> int:
-    """Gallery rows per scan block: ~12 MiB of fp32 rows plus their projections."""
-    return max(256, min(1 << 16, _BLOCK_BYTES // (4 * (dim + columns))))
+__all__ = ["Adaptation", "TopK"]  # TopK: from quari.scoring
 
 
 class Adaptation:
@@ -133,9 +109,6 @@ class Adaptation:
         self.V = V
         self.variant = variant
         self.anchor_scale = float(anchor_scale)
-        # Device-side forms derived from the factors (the kernels' packed projections), built
-        # on first use; like _projection they assume the factors are not changed in place.
-        self._derived: dict[Any, Any] = {}
 
     @classmethod
     def random(
@@ -284,7 +257,7 @@ class Adaptation:
         tracked = (self.refined_query, self.U, self.V)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
             return self._gram_scores(d)
-        return self._qr_scores(d)
+        return self.plan.scores(d).float()
 
     @property
     def _compute_dtype(self) -> torch.dtype:
@@ -315,20 +288,7 @@ class Adaptation:
             num = num + c * p[..., -1]
             den2 = den2 + (2 * c) * (a * z).sum(-1)
             den2 = den2 + (c * c) * torch.linalg.vector_norm(d, dim=-1).square()
-        return (num / den2.clamp_min(0).sqrt().clamp_min(_EPS)).float()
-
-    def _qr_scores(self, d: torch.Tensor) -> torch.Tensor:
-        """Scores of a checked (N, E) or (B, M, E) tensor in the QR form (no autograd)."""
-        with torch.no_grad():
-            proj = self._projection
-            norm2 = None
-            if self._identity_weight:
-                norm2 = torch.linalg.vector_norm(d, dim=-1).square()
-            if d.ndim == 2:  # (N, B, k): one GEMM for all queries
-                z = (d @ proj.flat).view(d.shape[0], len(self), -1)
-                return self._epilogue(z, None if norm2 is None else norm2[:, None]).T.float()
-            z = (d @ proj.per_query).transpose(0, 1)  # (M, B, k)
-            return self._epilogue(z, None if norm2 is None else norm2.T).T.float()
+        return (num / den2.clamp_min(0).sqrt().clamp_min(EPS)).float()
 
     def rerank(self, candidate_ids: Any, candidate_vectors: Any, k: int) -> TopK:
         """Exact QuARI top-k among each query's own candidates.
@@ -362,7 +322,7 @@ class Adaptation:
                 f"candidate_vectors {tuple(vecs.shape)} does not match candidate_ids "
                 f"{tuple(ids.shape)} in its first two axes"
             )
-        scores = self._qr_scores(vecs)
+        scores = self.plan.scores(vecs).float()
         scores = scores.masked_fill(ids < 0, float("-inf"))
         top = torch.topk(scores, min(k, ids.shape[1]), dim=1)
         out_ids = torch.gather(ids.long(), 1, top.indices)
@@ -371,46 +331,16 @@ class Adaptation:
 
     # -- full scan ------------------------------------------------------------------------------
     @cached_property
-    def _projection(self) -> _Projection:
-        """The QR-form projection, computed once per Adaptation."""
-        with torch.no_grad():
-            # float64 for the small per-query algebra, fp32 for the GEMM against the gallery.
-            Ut, V = self._output_factor.double(), self.V.double()
-            Q, R = torch.linalg.qr(Ut)  # Ũ = QR, Q (B, E, r), R (B, r, r)
-            VRt = V @ R.transpose(1, 2)  # (B, E, r): ‖Ũ z‖ = ‖R Vᵀ d‖
-            c, dtype = self._identity_weight, self._compute_dtype
-            if c == 0:
-                # Paper variant: the numerator is bᵀz′ with b = Qᵀq′, from the same z′ = R Vᵀd
-                # as the norm, so the score is invariant to z′'s scale (accurate where Td is
-                # tiny) and the GEMM keeps exactly r columns per query.
-                b = (Q.transpose(1, 2) @ self.refined_query.double()[..., None])[..., 0]
-                per_query, num_weights = VRt, b.to(dtype)
-            else:
-                # Reference variant: ‖Td‖ ≥ (1 − α)‖d‖ for Frobenius-normalised factors, so a
-                # separate numerator column w = Tᵀq′ is well conditioned, and cheaper than a
-                # dot over 2r columns.
-                w = self.adapted_query().double()[..., None]
-                per_query, num_weights = torch.cat([w, VRt + c * Q, Q], dim=2), None
-            B, E, k = per_query.shape
-            per_query = per_query.to(dtype)
-            flat = per_query.permute(1, 0, 2).reshape(E, B * k).contiguous()
-        return _Projection(per_query.contiguous(), flat, num_weights)
-
-    def _epilogue(self, z: torch.Tensor, norm2: torch.Tensor | None) -> torch.Tensor:
-        """Scores (X, B) from projections z (X, B, k) and, for the reference variant, ‖d‖²
-        broadcastable to (X, B)."""
-        r, c = self.rank, self._identity_weight
-        weights = self._projection.num_weights
-        if weights is not None:  # paper: z = z′
-            num = (z * weights).sum(-1)
-            den2 = torch.linalg.vector_norm(z, dim=-1).square_()
-        else:  # reference: z = [wᵀd | m | y]
-            num = z[..., 0]
-            den2 = torch.linalg.vector_norm(z[..., 1 : r + 1], dim=-1).square_()
-            # ‖d‖² − ‖Qᵀd‖² ≥ 0 is the part of d outside span(Q); clamp the rounding.
-            outside = norm2 - torch.linalg.vector_norm(z[..., r + 1 :], dim=-1).square_()
-            den2 += (c * c) * outside.clamp_min_(0)
-        return num / den2.sqrt_().clamp_min_(_EPS)
+    def plan(self) -> ScoringPlan:
+        """The QR-form :class:`~quari.scoring.ScoringPlan` (projection columns and epilogue),
+        computed once per Adaptation; the factors must not change in place afterwards."""
+        return ScoringPlan.from_factors(
+            self.refined_query,
+            self._output_factor,
+            self.V,
+            self._identity_weight,
+            self._compute_dtype,
+        )
 
     def scan(
         self,
@@ -456,13 +386,14 @@ class Adaptation:
             # GPU: fused kernel for fp16/bf16 rows, torch path otherwise (quari.kernels.scan).
             from quari.kernels.scan import scan_topk
 
-            return scan_topk(self, chunks, k, block_rows=block_rows)
-        proj, E, B = self._projection, self.embedding_dim, len(self)
+            return scan_topk(self.plan, chunks, k, block_rows=block_rows)
+        plan, E, B = self.plan, self.embedding_dim, len(self)
+        proj = plan.projection
         if block_rows is None:
             block_rows = default_block_rows(E, proj.flat.shape[1])
         blocks = (
             (offset + start, chunk[start : start + block_rows])
-            for offset, chunk in _checked_chunks(chunks, E)
+            for offset, chunk in checked_chunks(chunks, E)
             for start in range(0, chunk.shape[0], block_rows)
         )
         local = threading.local()  # one reused fp32 buffer per thread
@@ -477,18 +408,13 @@ class Adaptation:
             norm2 = None
             if self._identity_weight:
                 norm2 = torch.linalg.vector_norm(block, dim=-1, keepdim=True).square_()
-            scores = self._epilogue(z, norm2)  # (n, B)
+            scores = plan.epilogue(z, norm2)  # (n, B)
             if not torch.isfinite(scores).all():
-                # The (n, B) scores are far cheaper to check than the (n, E) rows, and a NaN or
-                # Inf anywhere in a row makes its scores NaN.
-                bad = nonfinite_rows(block)
-                if bad.numel():
-                    raise QuARIInputError(f"gallery row {start + int(bad[0])} contains NaN or Inf")
-                raise QuARIInputError("non-finite scores: the adaptation's factors hold NaN or Inf")
+                raise_nonfinite(block, start)
             top = torch.topk(scores, min(k, part.shape[0]), dim=0)
             return top.values.T, top.indices.T + start
 
-        best = _RunningTopK(len(self), k, self.device)
+        best = RunningTopK(len(self), k, self.device)
         workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         if workers == 1:
             for start, part in blocks:
@@ -510,51 +436,3 @@ class Adaptation:
                 pool.shutdown(cancel_futures=True)
                 raise
         return best.result()
-
-
-class _RunningTopK:
-    """The best k (score, id) pairs per query seen so far, merged block by block."""
-
-    def __init__(self, batch: int, k: int, device: torch.device) -> None:
-        self.k = k
-        self.scores = torch.full((batch, 0), float("-inf"), device=device)
-        self.ids = torch.full((batch, 0), -1, dtype=torch.long, device=device)
-
-    def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
-        """Merges (B, m) ``scores`` and ``ids``, each row sorted best first (a topk result)."""
-        if self.scores.shape[1] == 0 and scores.shape[1] <= self.k:
-            self.scores, self.ids = scores, ids  # the first block: nothing to merge with
-            return
-        merged_scores = torch.cat([self.scores, scores], dim=1)
-        merged_ids = torch.cat([self.ids, ids], dim=1)
-        keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)
-        self.scores, self.ids = keep.values, torch.gather(merged_ids, 1, keep.indices)
-
-    def result(self) -> TopK:
-        return TopK(self.ids, self.scores)
-
-
-def _checked_chunks(
-    chunks: Iterable[tuple[int, Any]], dim: int
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yields (offset, tensor) pairs, checking each chunk's shape and offset."""
-    for item in chunks:
-        try:
-            offset, array = item
-        except (TypeError, ValueError):
-            raise QuARIInputError(
-                f"scan: chunks must yield (offset, array) pairs, got {type(item).__name__}"
-            ) from None
-        if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) or offset < 0:
-            raise QuARIInputError(f"scan: chunk offset must be a non-negative int, got {offset!r}")
-        t = as_tensor(array, f"gallery chunk at offset {offset}")
-        if t.ndim != 2 or t.shape[1] != dim:
-            raise QuARIInputError(
-                f"gallery chunk at offset {offset}: expected shape (n, {dim}), got {tuple(t.shape)}"
-            )
-        if not t.is_floating_point():
-            raise QuARIInputError(
-                f"gallery chunk at offset {offset}: expected a float dtype, got {t.dtype}"
-            )
-        if t.shape[0]:
-            yield int(offset), t

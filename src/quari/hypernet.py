@@ -271,13 +271,21 @@ class QuARIModel(nn.Module):
             refined, U, V = graphs(q)
         else:
             q = as_embeddings(q, cfg.embedding_dim, "queries", normalize=normalize, dtype=None)
-            refined, U, V = self._predict(q)
+            refined, U, V = self.predict_factors(q)
         if cfg.variant == "paper":
             return Adaptation(refined, U, V, normalized=True)
         return Adaptation(refined, U, V, "reference", cfg.anchor_scale, normalized=True)
 
-    def _predict(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The tensor computation of :meth:`forward` on checked queries: (q′, U, V)."""
+    def predict_factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The tensor computation of :meth:`forward` on checked queries, without validation:
+        (q′ (B, E) unit-norm, U (B, E, r), V (B, E, r)).
+
+        For code that traces or captures the pass (CUDA graphs, ``torch.compile``, export);
+        everyone else calls the model, which checks and normalises the queries first.
+
+        Args:
+            q: (B, E) queries, already checked (finite) and normalised as wanted.
+        """
         cfg = self.config
         B, r = q.shape[0], cfg.rank
         ctx = self.query_encoder(q)

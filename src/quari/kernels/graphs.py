@@ -23,7 +23,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 
-from quari.validation import QuARIInputError, as_embeddings
+from quari.errors import QuARIInputError
+from quari.scoring import ScoringPlan, TopK, as_plan, raise_nonfinite
+from quari.validation import as_embeddings
 
 __all__ = ["PRECISIONS", "GraphedForward", "GraphedScan"]
 
@@ -91,10 +93,10 @@ class GraphedForward:
             runner = copy.deepcopy(model).to(torch.bfloat16)
         # Holds the bf16 copy (its weights are what the replays read); no self-reference.
         self._runner = runner if runner is not model else None
-        base = runner._predict
+        base = runner.predict_factors
         if compile:
             # Static shapes: one specialised compilation per captured batch size.
-            base = torch.compile(runner._predict, dynamic=False)
+            base = torch.compile(runner.predict_factors, dynamic=False)
         dtype = next(runner.parameters()).dtype
 
         def predict(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +189,8 @@ class GraphedScan:
             them in place).
         k: Results per query (at most N).
         rank: r of the adaptations to be scanned.
-        variant: ``"paper"`` or ``"reference"``.
-        anchor_scale: The reference variant's α (it is part of the captured kernel).
+        variant: ``"paper"`` or ``"reference"`` (the layout of the projection columns; the
+            reference variant's α is part of the columns, so any α replays the same graph).
         batch_sizes: Query batch sizes to capture; a call must use one of them.
         config: Kernel configuration (default: chosen per batch size).
 
@@ -208,11 +210,9 @@ class GraphedScan:
         *,
         rank: int,
         variant: str = "paper",
-        anchor_scale: float = 0.8,
         batch_sizes: Iterable[int] = (1,),
         config=None,
     ) -> None:
-        from quari.adaptation import Adaptation
         from quari.kernels.availability import triton_available
         from quari.kernels.scan import select_topk
         from quari.kernels.scan_triton import fused_scores, pack_projection, resolve_config
@@ -231,15 +231,15 @@ class GraphedScan:
         N, E = gallery.shape
         self.k = min(check_k(k), N)
         self.gallery = gallery.contiguous()
-        self.rank, self.variant = rank, variant
-        self.anchor_scale = anchor_scale if variant == "reference" else 0.0
+        if variant not in ("paper", "reference"):
+            raise QuARIInputError(f"variant must be 'paper' or 'reference', got {variant!r}")
+        self.rank, self.reference = rank, variant == "reference"
         self._pack = pack_projection
         self._graphs: dict[int, tuple] = {}
         pool = torch.cuda.graph_pool_handle()
         for size in sorted({_check_size(b) for b in batch_sizes}):
-            # A stand-in adaptation whose packed projection becomes the graph's input buffers.
-            dummy = Adaptation.random(size, E, rank, variant, anchor_scale=anchor_scale or 0.8)
-            dummy = dummy.to(gallery.device)
+            # A stand-in plan whose packed projection becomes the graph's input buffers.
+            dummy = _stand_in_plan(size, E, rank, self.reference, gallery.device)
             cfg = resolve_config(config, dummy)
             static = pack_projection(dummy, gallery.dtype, cfg.group)
             scores = torch.empty(size, N, dtype=torch.float32, device=gallery.device)
@@ -263,33 +263,32 @@ class GraphedScan:
         """Exact top-k of every query of ``adaptation`` over the gallery.
 
         Args:
-            adaptation: An :class:`~quari.adaptation.Adaptation` on the gallery's device with
-                the captured rank, variant and anchor, and a captured batch size.
+            adaptation: An :class:`~quari.adaptation.Adaptation` (or its
+                :class:`~quari.scoring.ScoringPlan`) on the gallery's device with the captured
+                rank and variant, and a captured batch size.
 
         Returns:
-            :class:`~quari.adaptation.TopK` (B, k), best first.
+            :class:`~quari.scoring.TopK` (B, k), best first.
 
         Raises:
             QuARIInputError: an adaptation that does not match the captured graphs, or a
                 gallery row holding NaN/Inf.
         """
-        from quari.adaptation import TopK
-
-        B = len(adaptation)
+        plan = as_plan(adaptation)
+        B = plan.batch
         if B not in self._graphs:
             raise QuARIInputError(
                 f"GraphedScan captured batch sizes {self.batch_sizes}; got a batch of {B}"
             )
-        want = (self.rank, self.variant, self.anchor_scale, self.gallery.shape[1])
-        have = (adaptation.rank, adaptation.variant, adaptation.anchor_scale,
-                adaptation.embedding_dim)  # fmt: skip
-        if have != want or adaptation.device != self.gallery.device:
+        want = (self.rank, self.reference, self.gallery.shape[1])
+        have = (plan.rank, plan.reference, plan.dim)
+        if have != want or plan.device != self.gallery.device:
             raise QuARIInputError(
-                f"GraphedScan was captured for (rank, variant, anchor_scale, dim) = {want} on "
-                f"{self.gallery.device}; the adaptation has {have} on {adaptation.device}"
+                f"GraphedScan was captured for (rank, reference layout, dim) = {want} on "
+                f"{self.gallery.device}; the adaptation has {have} on {plan.device}"
             )
         graph, cfg, static, (finite, values, ids) = self._graphs[B]
-        packed = self._pack(adaptation, self.gallery.dtype, cfg.group)
+        packed = self._pack(plan, self.gallery.dtype, cfg.group)
         for name in ("main", "aux", "numer", "weights"):
             target = getattr(static, name)
             if target is not None:
@@ -297,7 +296,17 @@ class GraphedScan:
         graph.replay()
         top = TopK(ids.clone(), values.clone())
         if not bool(finite):
-            from quari.kernels.scan import _check_finite
-
-            _check_finite(finite, self.gallery, 0)  # raises, naming the first bad row
+            raise_nonfinite(self.gallery, 0)  # names the first bad row
         return top
+
+
+def _stand_in_plan(
+    batch: int, dim: int, rank: int, reference: bool, device: torch.device
+) -> ScoringPlan:
+    """A plan of the right shape and layout, whose buffers a captured graph reads (every call
+    copies the real plan's packed columns into them)."""
+    g = torch.Generator().manual_seed(0)
+    q = F.normalize(torch.randn(batch, dim, generator=g), dim=-1)
+    U, V = torch.randn(2, batch, dim, rank, generator=g)
+    factors = (t.to(device) for t in (q, 0.8 * U / dim, V / dim))
+    return ScoringPlan.from_factors(*factors, identity_weight=1.0 if reference else 0.0)

@@ -10,8 +10,11 @@ Backends, chosen per chunk by :func:`select_backend`:
 * ``"triton"`` — the fused kernel (:mod:`quari.kernels.scan_triton`): fp16/bf16 rows, tensor
   cores in the gallery dtype, fp32 accumulation and epilogue.
 * ``"torch"`` — fp16/bf16 rows: a GEMM in the gallery dtype with fp32 output (CUDA) against the
-  projection rounded to that dtype, then ``Adaptation._epilogue`` block by block; other dtypes:
+  projection rounded to that dtype, then the plan's epilogue block by block; other dtypes:
   fp32 rows against the fp32 projection, as on CPU.
+
+Every entry point takes a :class:`~quari.scoring.ScoringPlan` or anything that has one (an
+:class:`~quari.adaptation.Adaptation`); this package never imports the adaptation module.
 """
 
 from __future__ import annotations
@@ -24,13 +27,20 @@ from typing import Any
 
 import torch
 
-from quari.adaptation import Adaptation, TopK, _checked_chunks, _RunningTopK
+from quari.errors import QuARIInputError
 from quari.kernels.availability import interpreting, triton_available
-from quari.validation import QuARIInputError, check_k, nonfinite_rows
+from quari.scoring import (
+    HALF_DTYPES,
+    RunningTopK,
+    ScoringPlan,
+    TopK,
+    as_plan,
+    checked_chunks,
+    raise_nonfinite,
+)
+from quari.validation import check_k
 
-__all__ = ["half_projection", "scan_topk", "select_backend", "select_topk"]
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+__all__ = ["scan_topk", "select_backend", "select_topk"]
 _SCORE_BYTES = 1 << 30  # fp32 scores of one segment
 _HOST_COPY_BYTES = 512 << 20  # gallery rows copied to the device per segment
 _TORCH_BLOCK_BYTES = 256 << 20  # the torch path's fp32 projections per block
@@ -84,7 +94,7 @@ def select_backend(device: torch.device | str, dtype: torch.dtype, requested: st
 
 
 def scan_topk(
-    adaptation: Adaptation,
+    scorer: Any,
     chunks: Iterable[tuple[int, Any]] | torch.Tensor,
     k: int,
     *,
@@ -96,7 +106,8 @@ def scan_topk(
     """Exact top-k of every query over a gallery, scored on the adaptation's device.
 
     Args:
-        adaptation: The queries' :class:`~quari.adaptation.Adaptation` (fp32 factors).
+        scorer: The queries' :class:`~quari.scoring.ScoringPlan` (fp32), or their
+            :class:`~quari.adaptation.Adaptation`.
         chunks: Iterable of ``(offset, array)`` pairs as for :meth:`Adaptation.scan`, or one
             (N, E) tensor (offset 0). Rows on the host are copied to the device per segment.
         k: Results per query; a gallery with fewer rows returns them all.
@@ -108,8 +119,8 @@ def scan_topk(
             warn once and use the torch path; ``False`` raises instead (benchmarks, tests).
 
     Returns:
-        :class:`TopK` with (B, min(k, N)) global row ids and scores, best first, on the
-        adaptation's device.
+        :class:`~quari.scoring.TopK` with (B, min(k, N)) global row ids and scores, best
+        first, on the plan's device.
 
     Raises:
         QuARIInputError: a bad chunk or k, or a gallery row holding NaN/Inf (named by its
@@ -120,11 +131,12 @@ def scan_topk(
         >>> top = scan_topk(ad, gallery_bf16_cuda, k=100)  # doctest: +SKIP
     """
     k = check_k(k)
+    plan = as_plan(scorer)
     if isinstance(chunks, torch.Tensor):
         chunks = [(0, chunks)]
-    device, B, E = adaptation.device, len(adaptation), adaptation.embedding_dim
-    best = _RunningTopK(B, k, device)
-    for offset, chunk in _checked_chunks(chunks, E):
+    device, B, E = plan.device, plan.batch, plan.dim
+    best = RunningTopK(B, k, device)
+    for offset, chunk in checked_chunks(chunks, E):
         half = chunk.dtype in HALF_DTYPES
         chosen = select_backend(device, chunk.dtype, backend)
         rows = max(1, _SCORE_BYTES // (4 * B))
@@ -135,12 +147,13 @@ def scan_topk(
             part = part.to(device=device, dtype=part.dtype if half else torch.float32)
             scores = None
             if chosen == "triton":
-                scores = _kernel_scores(adaptation, part, config, fallback)
+                scores = _kernel_scores(plan, part, config, fallback)
             if scores is None:
-                scores = _torch_scores(adaptation, part, block_rows)
+                scores = _torch_scores(plan, part, block_rows)
             finite = torch.isfinite(scores).all()  # checked after the top-k is queued
             values, indices = select_topk(scores, min(k, part.shape[0]))
-            _check_finite(finite, part, offset + start)
+            if not bool(finite):
+                raise_nonfinite(part, offset + start)
             best.add(values, indices + (offset + start))
     return best.result()
 
@@ -194,24 +207,24 @@ def select_topk(
 
 
 def _kernel_scores(
-    adaptation: Adaptation, part: torch.Tensor, config: Any, fallback: bool
+    plan: ScoringPlan, part: torch.Tensor, config: Any, fallback: bool
 ) -> torch.Tensor | None:
     """(B, n) scores by the fused kernel; None where the torch path must do it instead (a rank
     the kernel does not cover, or — with ``fallback`` — kernels that fail to build)."""
     from quari.kernels import scan_triton
 
-    if scan_triton.max_group(adaptation.rank, adaptation.variant == "reference") == 0:
+    if scan_triton.max_group(plan.rank, plan.reference) == 0:
         return None  # r > 256 (reference: r > 128): more columns than one tile holds
-    cfg = scan_triton.resolve_config(config, adaptation)  # a bad explicit config raises
+    cfg = scan_triton.resolve_config(config, plan)  # a bad explicit config raises
     # If a configuration fails to build (compile error, too little shared memory), try the
     # pointer-load version of it, then the torch path; each failure is remembered and told once.
     tries = [cfg] + ([replace(cfg, tma=False)] if cfg.tma and fallback else [])
     for attempt in tries:
-        key = (attempt, adaptation.variant, adaptation.rank, part.dtype, str(part.device))
+        key = (attempt, plan.reference, plan.rank, part.dtype, str(part.device))
         if fallback and key in _failed:
             continue
         try:
-            return scan_triton.fused_scores(part, adaptation, config=attempt)
+            return scan_triton.fused_scores(part, plan, config=attempt)
         except Exception as exc:
             if not fallback:
                 raise
@@ -225,43 +238,16 @@ def _kernel_scores(
     return None  # the torch path
 
 
-def half_projection(
-    adaptation: Adaptation, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``adaptation._projection.per_query`` rounded to ``dtype`` for the tensor cores.
-
-    Each query's columns are first scaled by a power of two s (exact: no extra rounding) that
-    brings their largest entry near 1, so fp16 neither overflows nor flushes to subnormals.
-    Paper scores are invariant to s; the reference variant's ‖d‖² term is multiplied by s².
-
-    Returns:
-        ``(columns, s2)``: (B, E, k) columns in ``dtype`` and (B,) fp32 s², cached per dtype.
-    """
-    cache, key = adaptation._derived, ("half", dtype)
-    if key not in cache:
-        cols = adaptation._projection.per_query
-        peak = cols.abs().amax(dim=(1, 2))
-        exponent = torch.where(peak > 0, torch.round(torch.log2(peak)), torch.zeros_like(peak))
-        scale = torch.exp2(-exponent.clamp(-60, 60))
-        cache[key] = ((cols * scale[:, None, None]).to(dtype), scale.square())
-    return cache[key]
-
-
-def _torch_scores(
-    adaptation: Adaptation, part: torch.Tensor, block_rows: int | None
-) -> torch.Tensor:
-    """(B, n) scores by GEMM blocks + ``Adaptation._epilogue`` (the N×B×k block is bounded)."""
-    B, flat, s2 = len(adaptation), adaptation._projection.flat, None
+def _torch_scores(plan: ScoringPlan, part: torch.Tensor, block_rows: int | None) -> torch.Tensor:
+    """(B, n) scores by GEMM blocks + the plan's epilogue (the N×B×k block is bounded)."""
+    B, flat, s2 = plan.batch, plan.projection.flat, None
     half = part.dtype in HALF_DTYPES
     if half:
         # fp16/bf16 rows meet the projection rounded to their dtype, as in the kernel: the
         # tensor cores' input. Where the half GEMM with fp32 output is missing (CPU), the same
         # products are formed in fp32 (exact for half inputs).
-        cache, key = adaptation._derived, ("flat", part.dtype)
-        if key not in cache:
-            cols, s2 = half_projection(adaptation, part.dtype)
-            cache[key] = cols.permute(1, 0, 2).reshape(flat.shape)
-        flat, s2 = cache[key], half_projection(adaptation, part.dtype)[1]
+        cols, s2 = plan.half_projection(part.dtype)
+        flat = plan.derived(("flat", part.dtype), lambda: cols.permute(1, 0, 2).reshape(flat.shape))
     half_gemm = half and _mm_fp32_out(part.device)
     if half and not half_gemm:
         flat = flat.float()
@@ -276,12 +262,12 @@ def _torch_scores(
             block = block.float()
             z = block @ flat
         norm2 = None
-        if adaptation._identity_weight:
+        if plan.reference:
             norm2 = torch.linalg.vector_norm(block, dim=-1, dtype=torch.float32).square_()[:, None]
             if s2 is not None:
                 norm2 = norm2 * s2
         z = z.view(block.shape[0], B, -1)
-        scores[:, s : s + block.shape[0]] = adaptation._epilogue(z, norm2).T
+        scores[:, s : s + block.shape[0]] = plan.epilogue(z, norm2).T
     return scores
 
 
@@ -300,15 +286,3 @@ def _mm_fp32_out(device: torch.device) -> bool:
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_FP32_OUT[device.type] = False
     return _MM_FP32_OUT[device.type]
-
-
-def _check_finite(finite: torch.Tensor, part: torch.Tensor, offset: int) -> None:
-    """Raises for NaN/Inf scores (``finite`` is False), naming the first bad row by global id."""
-    # One reduction over the (B, n) scores is far cheaper than checking the (n, E) rows, and a
-    # NaN or Inf anywhere in a row makes its scores NaN.
-    if bool(finite):
-        return
-    bad = nonfinite_rows(part)
-    if bad.numel():
-        raise QuARIInputError(f"gallery row {offset + int(bad[0])} contains NaN or Inf")
-    raise QuARIInputError("non-finite scores: the adaptation's factors hold NaN or Inf")

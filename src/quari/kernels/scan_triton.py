@@ -2,7 +2,7 @@
 
 One program scores a tile of ``BLOCK_M`` gallery rows for a group of ``G`` queries. It streams
 the rows' E coordinates through the tensor cores against the group's QR-form projection
-columns (``Adaptation._projection``), keeps the (BLOCK_M, G·width) projections in registers,
+columns (:class:`quari.scoring.ScoringPlan`), keeps the (BLOCK_M, G·width) projections in registers,
 and reduces them in the epilogue to one cosine score per (row, query):
 
 * paper variant:     z′ = R Vᵀ d (r columns),  score = bᵀz′ / ‖z′‖
@@ -25,8 +25,8 @@ tail's row indices clamped. The grid is one program per (row tile, query group),
 fastest so that the programs sharing a gallery tile run together and read it from L2; an
 optional persistent grid loops over the same order.
 
-Layout of the packed projection (:func:`pack_projection`), built once per Adaptation from
-:func:`~quari.kernels.scan.half_projection` (per-query power-of-two scaled columns in the
+Layout of the packed projection (:func:`pack_projection`), built once per plan from
+:meth:`~quari.scoring.ScoringPlan.half_projection` (per-query power-of-two scaled columns in the
 gallery dtype): queries are padded up to a multiple of G; query q owns the ``width``
 contiguous columns ``q·width …`` of ``main`` (E, Bp·width), and for the reference variant the
 same columns of ``aux``. ``weights``: paper — (Bp, width) fp32 holding b; reference — (Bp,)
@@ -42,14 +42,14 @@ are exact in fp32, so the widened dot computes the same function.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from quari.kernels.availability import interpreting
-from quari.kernels.scan import half_projection
+from quari.scoring import HALF_DTYPES, ScoringPlan, as_plan
 
 __all__ = [
     "KernelConfig",
@@ -60,7 +60,6 @@ __all__ = [
     "resolve_config",
 ]
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Column budget of one program's accumulators: 256 fp32 columns × 128 rows is 128 registers a
 # thread at 8 warps, the largest tile that stays clear of spills.
 _MAX_COLUMNS = 256
@@ -108,7 +107,7 @@ class KernelConfig:
 
 
 class PackedProjection(NamedTuple):
-    """The projection of one Adaptation in the kernel's layout (see the module docstring)."""
+    """The projection of one scoring plan in the kernel's layout (see the module docstring)."""
 
     main: torch.Tensor
     aux: torch.Tensor | None
@@ -158,24 +157,26 @@ def default_config(queries: int, rank: int, reference: bool, dim: int) -> Kernel
                         tma=True, persistent=not reference, programs_per_sm=1)  # fmt: skip
 
 
-def pack_projection(adaptation, dtype: torch.dtype, group: int) -> PackedProjection:
-    """Rearranges ``adaptation._projection`` into the kernel's layout, columns in ``dtype``.
+def pack_projection(scorer: Any, dtype: torch.dtype, group: int) -> PackedProjection:
+    """Rearranges a plan's projection into the kernel's layout, columns in ``dtype``.
 
     Args:
-        adaptation: The :class:`~quari.adaptation.Adaptation` to scan with.
+        scorer: The :class:`~quari.scoring.ScoringPlan` (or an Adaptation) to scan with.
         dtype: The gallery dtype (fp16 or bf16); the columns are rounded to it.
         group: Queries per program (a power of two).
 
     Returns:
-        The :class:`PackedProjection` on the adaptation's device (cached per dtype and group).
+        The :class:`PackedProjection` on the plan's device (cached per dtype and group).
     """
-    cache, key = adaptation._derived, ("packed", dtype, group)
-    if key in cache:
-        return cache[key]
-    cols, s2 = half_projection(adaptation, dtype)
+    plan = as_plan(scorer)
+    return plan.derived(("packed", dtype, group), lambda: _pack(plan, dtype, group))
+
+
+def _pack(plan: ScoringPlan, dtype: torch.dtype, group: int) -> PackedProjection:
+    cols, s2 = plan.half_projection(dtype)
     B, E, _ = cols.shape
-    r, width = adaptation.rank, column_width(adaptation.rank)
-    reference = adaptation._projection.num_weights is None
+    r, width = plan.rank, column_width(plan.rank)
+    reference = plan.reference
     n_groups = -(-B // group)
     padded = n_groups * group
 
@@ -195,10 +196,8 @@ def pack_projection(adaptation, dtype: torch.dtype, group: int) -> PackedProject
     else:
         main, aux, numer = blocks(cols), None, None
         weights = s2.new_zeros(padded, width)
-        weights[:B, :r] = adaptation._projection.num_weights
-    packed = PackedProjection(main, aux, numer, weights.contiguous(), B, group, width, reference)
-    cache[key] = packed
-    return packed
+        weights[:B, :r] = plan.projection.num_weights
+    return PackedProjection(main, aux, numer, weights.contiguous(), B, group, width, reference)
 
 
 @triton.jit
@@ -334,7 +333,7 @@ def _finish_tile(
         b = tl.load(weights_ptr + cols)  # (G·W,) fp32 numerator weights, zero on padding
         num = _group_sum(acc * b[None, :], BLOCK_M, G, W)
         den2 = _group_sum(acc * acc, BLOCK_M, G, W)
-    score = num / tl.maximum(tl.sqrt(den2), 1e-12)  # quari.adaptation's clamp: 0 for d = 0
+    score = num / tl.maximum(tl.sqrt(den2), 1e-12)  # quari.scoring.EPS: 0 for d = 0
     rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     q = grp * G + tl.arange(0, G)
     s_ptrs = scores_ptr + q[None, :].to(tl.int64) * stride_s + rows[:, None]
@@ -484,40 +483,45 @@ def _fused_scan_kernel_tma(
         )  # fmt: skip
 
 
-def resolve_config(config: KernelConfig | None, adaptation) -> KernelConfig:
-    """``config`` (default: :func:`default_config`) with its query group fixed and checked."""
-    reference = adaptation.variant == "reference"
+def resolve_config(config: KernelConfig | None, scorer: Any) -> KernelConfig:
+    """``config`` (default: :func:`default_config`) with its query group fixed and checked.
+
+    Args:
+        config: A configuration, or None for the default.
+        scorer: What will be scanned: a :class:`~quari.scoring.ScoringPlan`, or anything with
+            ``batch``, ``rank``, ``reference`` and ``dim`` (or a ``plan``).
+    """
+    plan = scorer if hasattr(scorer, "reference") else as_plan(scorer)
+    reference, rank, dim = plan.reference, plan.rank, plan.dim
     if config is None:
-        config = default_config(
-            len(adaptation), adaptation.rank, reference, adaptation.embedding_dim
-        )
-    most = max_group(adaptation.rank, reference)
+        config = default_config(plan.batch, rank, reference, dim)
+    most = max_group(rank, reference)
     if most == 0:
-        raise ValueError(f"rank {adaptation.rank} is too large for the fused kernel (≤ 256)")
-    group = config.group or min(most, _next_pow2(len(adaptation)))
+        raise ValueError(f"rank {rank} is too large for the fused kernel (≤ 256)")
+    group = config.group or min(most, _next_pow2(plan.batch))
     if group & (group - 1) or group > min(most, _NUMER_WIDTH):
         raise ValueError(f"group must be a power of two ≤ {min(most, _NUMER_WIDTH)}, got {group}")
     for name in ("block_m", "block_k"):
         value = getattr(config, name)
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name} must be a power of two ≥ 16, got {value}")
-    tma = config.tma and (adaptation.embedding_dim * 2) % 16 == 0
+    tma = config.tma and (dim * 2) % 16 == 0
     return replace(config, group=group, tma=tma)
 
 
 def fused_scores(
     gallery: torch.Tensor,
-    adaptation,
+    scorer: Any,
     *,
     out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """Scores of every gallery row for every query of ``adaptation``, by the fused kernel.
+    """Scores of every gallery row for every query of a plan, by the fused kernel.
 
     Args:
-        gallery: (N, E) fp16 or bf16 rows on the adaptation's device (CPU only under
+        gallery: (N, E) fp16 or bf16 rows on the plan's device (CPU only under
             ``TRITON_INTERPRET=1``); the last axis must be contiguous.
-        adaptation: The :class:`~quari.adaptation.Adaptation` (fp32 factors).
+        scorer: The :class:`~quari.scoring.ScoringPlan` (fp32), or an Adaptation.
         out: Optional (B, N) fp32 tensor (last axis contiguous) to write into.
         config: Tile shape and launch options (default: :func:`default_config`).
 
@@ -525,14 +529,15 @@ def fused_scores(
         (B, N) fp32 scores; NaN where a row holds NaN or Inf.
 
     Example:
-        >>> scores = fused_scores(gallery_bf16, adaptation)  # doctest: +SKIP
+        >>> scores = fused_scores(gallery_bf16, adaptation.plan)  # doctest: +SKIP
     """
     if gallery.dtype not in HALF_DTYPES or gallery.ndim != 2:
         raise ValueError(f"the fused kernel reads (N, E) fp16/bf16 rows, got {gallery.dtype}")
     if gallery.stride(1) != 1:
         gallery = gallery.contiguous()
-    config = resolve_config(config, adaptation)
-    packed = pack_projection(adaptation, gallery.dtype, config.group)
+    plan = as_plan(scorer)
+    config = resolve_config(config, plan)
+    packed = pack_projection(plan, gallery.dtype, config.group)
     N, E = gallery.shape
     B = packed.queries
     if out is None:
@@ -552,7 +557,7 @@ def fused_scores(
         grid = min(n_tiles, sms * config.programs_per_sm)
     if config.tma and (gallery.data_ptr() % 16 or (gallery.stride(0) * 2) % 16):
         config = replace(config, tma=False)  # TMA needs 16-byte aligned rows
-    c2 = float(adaptation._identity_weight**2)
+    c2 = plan.identity_weight**2
     upcast = interpreting() and gallery.dtype == torch.bfloat16
     shape = dict(
         DIM=E, REFERENCE=packed.reference, G=config.group, W=packed.width, NW=_NUMER_WIDTH,
