@@ -61,7 +61,7 @@ from quari.eval.synthetic import (
     write_planted_gallery,
 )
 from quari.hypernet import QuARIModel
-from quari.index import CandidateIndex, IndexConfig
+from quari.index import CandidateIndex
 from quari.retriever import Retriever
 from quari.store import EmbeddingSet
 
@@ -199,9 +199,9 @@ def candidate_index(eset: EmbeddingSet, rows: int, args) -> CandidateIndex:
             if factory and index.factory != factory:
                 raise ValueError
         except Exception:
-            index = CandidateIndex.build(eset, IndexConfig(factory=factory), progress=False)
+            index = CandidateIndex.build(eset, f"faiss:{factory}", progress=False)
     else:
-        index = CandidateIndex.build(eset, IndexConfig(factory=factory), progress=False)
+        index = CandidateIndex.build(eset, f"faiss:{factory}", progress=False)
     print(
         f"  N = {rows:,}: index {index.factory} ready in {time.perf_counter() - t0:.1f} s "
         f"(build {index.info.get('build_seconds')} s)",

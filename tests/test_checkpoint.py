@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quari import Adaptation, QuARIModel
+from quari import Adaptation, QuARIInputError, QuARIModel
 from quari.checkpoint import CheckpointError, load, load_reference, save
 
 from helpers import tiny_config
@@ -165,3 +165,76 @@ def test_save_replaces_an_existing_folder_atomically(saved):
         "config.json",
         "model.safetensors",
     ]
+
+
+def _released_layout(fixture_dir, folder, *, wrap: bool, prefix: str):
+    """The fixture rewritten as the hub releases it: model_hyperparams.yml + model_weights.pt
+    ({"state_dict": …}, keys prefixed as a training checkpoint with the backbone's beside)."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = yaml.safe_load((fixture_dir / "config.yml").read_text())
+    meta["feature_extractor"] = "google/siglip2-base-patch16-512"
+    (folder / "model_hyperparams.yml").write_text(yaml.safe_dump(meta))
+    state = torch.load(fixture_dir / "weights.pt", weights_only=True)
+    state = {prefix + k: v for k, v in state.items()}
+    if prefix:
+        state["backbone_extractor.model.logit_scale"] = torch.ones(1)
+    torch.save({"state_dict": state} if wrap else state, folder / "model_weights.pt")
+    return folder
+
+
+@pytest.mark.parametrize(("wrap", "prefix"), [(True, ""), (True, "hypernetwork."), (False, "")])
+def test_released_checkpoint_layout_loads_like_the_fixture(fixture_dir, tmp_path, wrap, prefix):
+    from quari.checkpoint import load_model
+
+    folder = _released_layout(fixture_dir, tmp_path / "ckpt", wrap=wrap, prefix=prefix)
+    golden = np.load(fixture_dir / "golden.npz")
+    model = load_model(folder)
+    assert model.metadata["backbone"] == "google/siglip2-base-patch16-512"
+    with torch.inference_mode():
+        scores = model(torch.from_numpy(golden["queries"])).score(golden["gallery"])
+    np.testing.assert_allclose(scores.numpy(), golden["scores"], atol=1e-5)
+
+
+def test_load_model_recognises_each_kind_of_folder(fixture_dir, tmp_path):
+    from quari.checkpoint import load_model
+    from quari.errors import NotFoundError
+
+    model = QuARIModel(tiny_config("paper")).eval()
+    save(model, tmp_path / "mine")
+    assert load_model(tmp_path / "mine").config == model.config
+    assert load_model(str(fixture_dir)).config.variant == "reference"
+    with pytest.raises(NotFoundError, match="no such model folder"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a quari model folder"):
+        load_model(tmp_path / "empty")
+
+
+def test_hf_spec_reads_the_hub_cache_offline(fixture_dir, tmp_path, monkeypatch):
+    """A cache laid out as huggingface_hub writes it (models--owner--name/snapshots/<sha>,
+    refs/main), read with HF_HUB_OFFLINE=1: no network is touched."""
+    from quari.checkpoint import load_model
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--EricX003--QuARI-google-siglip2-base-patch16-512"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _released_layout(fixture_dir, repo / "snapshots" / commit, wrap=True, prefix="")
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    model = load_model("hf:EricX003/QuARI-google-siglip2-base-patch16-512")
+    golden = np.load(fixture_dir / "golden.npz")
+    with torch.inference_mode():
+        refined = model(torch.from_numpy(golden["queries"])).refined_query
+    np.testing.assert_allclose(refined.numpy(), golden["refined_query"], atol=1e-5)
+    with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE is set and it is not in the cache"):
+        load_model("hf:EricX003/not-cached")
+    with pytest.raises(QuARIInputError, match="expected hf:<owner>/<name>"):
+        load_model("hf:no-owner")

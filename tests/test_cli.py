@@ -37,7 +37,7 @@ def test_build_then_search_matches_the_python_api(workspace):
     app, tmp, eset, model, q = workspace
     out = runner.invoke(app, ["index", "build", str(tmp / "set"), "--quiet"])
     assert out.exit_code == 0, out.output
-    assert "built Flat over 750 rows" in out.output
+    assert "built faiss:Flat over 750 rows" in out.output
     out = runner.invoke(
         app,
         [
@@ -117,19 +117,6 @@ def test_plain_and_scan_need_no_index_or_model(workspace):
             ["search", "{set}", "--mode", "rerank", "--query-embeddings", "{q}"],
             "needs a QuARI model",
         ),
-        (
-            [
-                "search",
-                "{set}",
-                "--mode",
-                "adaptive",
-                "--model",
-                "{model}",
-                "--query-embeddings",
-                "{q}",
-            ],
-            "needs a candidate index",
-        ),
         (["search", "{set}", "--mode", "plain", "--query-rows", "99999"], "unknown row id 99999"),
         (
             ["search", "{set}", "--mode", "plain", "--query-embeddings", "{q}", "--where", "a +"],
@@ -196,3 +183,30 @@ def test_python_dash_m_quari_runs_the_cli():
     assert done.returncode == 0, done.stderr
     for command in ("search", "train", "embed", "index"):
         assert command in done.stdout
+
+
+def test_text_and_image_queries_from_the_command_line(tmp_path):
+    from quari.cli import app
+    from quari.store import EmbeddingSet
+
+    from embed_helpers import ToyEncoder, photo, register_toy
+
+    register_toy()
+    encoder = ToyEncoder()
+    rows = np.random.default_rng(0).standard_normal((40, encoder.dim)).astype(np.float32)
+    rows[5] = encoder.encode_texts(["a red car"])[0]
+    rows[9] = encoder.encode_images([photo(1)])[0]
+    eset = EmbeddingSet.create(tmp_path / "s", dim=encoder.dim, encoder="toy")
+    eset.append(rows, {"name": [f"n{i}" for i in range(40)]})
+    photo(1).save(tmp_path / "q.png")
+    base = ["search", str(tmp_path / "s"), "--mode", "plain", "--encoder", "toy:", "--json"]
+    out = runner.invoke(app, [*base, "--text", "a red car", "-k", "2"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["results"][0][0]["row"] == 5
+    out = runner.invoke(app, [*base, "--image", str(tmp_path / "q.png"), "-k", "2"])
+    assert out.exit_code == 0 and json.loads(out.output)["results"][0][0]["row"] == 9
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    out = runner.invoke(app, [*base, "--image", str(tmp_path / "bad.png")])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    out = runner.invoke(app, ["search", str(tmp_path / "s"), "--text", "x"])
+    assert out.exit_code == 2 and "need --encoder" in out.output

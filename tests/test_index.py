@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from quari.index import CandidateIndex, IndexConfig, StaleIndexError, choose_factory
+from quari.index import CandidateIndex, StaleIndexError, choose_factory
 from quari.store import EmbeddingSet
 
 from helpers import make_set
@@ -35,7 +35,7 @@ def test_flat_index_equals_brute_force(tmp_path):
 @pytest.mark.parametrize("factory", ["HNSW32", "IVF8,Flat", "IVF8,PQ4", "HNSW16,SQ8"])
 def test_approximate_indexes_return_row_ids_and_respect_filters(tmp_path, factory):
     eset, stored, meta = make_set(tmp_path / "s")
-    index = CandidateIndex.build(eset, IndexConfig(factory=factory, nprobe=8), progress=False)
+    index = CandidateIndex.build(eset, f"faiss:{factory}", nprobe=8, progress=False)
     q = stored[[5, 400, 700]].astype(np.float32)
     _, ids = index.search(q, 5)
     assert set(ids[:, 0]) == {5, 400, 700} or factory.endswith("PQ4")  # self is the best match
@@ -76,3 +76,35 @@ def test_a_changed_shard_cannot_be_updated(tmp_path):
     changed.write_manifest(encoder="test-encoder")  # re-checksums the edited shard
     with pytest.raises(StaleIndexError, match=r"\(changed since\); rebuild it"):
         CandidateIndex.load(changed, update=True)
+
+
+def test_backends_are_chosen_by_spec_string(tmp_path):
+    from quari.errors import QuARIInputError
+    from quari.index import FaissIndex, backend_for, list_backends
+
+    assert backend_for("faiss:HNSW32") == (FaissIndex, "HNSW32")
+    assert backend_for("faiss") == (FaissIndex, "")
+    assert "faiss" in list_backends()
+    with pytest.raises(QuARIInputError, match="unknown index backend 'nope:x'"):
+        backend_for("nope:x")
+    eset, _, _ = make_set(tmp_path / "s")
+    with pytest.raises(QuARIInputError, match="unknown FAISS index option"):
+        CandidateIndex.build(eset, "faiss:Flat", nprob=3, progress=False)
+    with pytest.raises(QuARIInputError, match="has 1024 lists but the set only 750 rows"):
+        CandidateIndex.build(eset, "faiss:IVF1024,Flat", progress=False)
+    built = CandidateIndex.build(eset, "faiss:auto", progress=False)
+    assert built.spec == "faiss:Flat" and CandidateIndex.exists(eset)
+    loaded = CandidateIndex.load(eset)  # dispatches on the saved description
+    assert isinstance(loaded, FaissIndex) and loaded.describe()["backend"] == "faiss"
+    assert loaded.stale_reason() is None
+
+
+def test_a_filter_expression_selects_the_same_rows_as_their_ids(tmp_path):
+    eset, stored, _ = make_set(tmp_path / "s")
+    index = CandidateIndex.build(eset, "faiss:HNSW16", progress=False)
+    q = stored[[1, 2, 3]].astype(np.float32)
+    where = pc.field("group") == 3
+    by_ids = index.search(q, 15, selection=eset.select(where))
+    by_expression = index.search(q, 15, selection=where)
+    np.testing.assert_array_equal(by_ids[1], by_expression[1])
+    assert (by_ids[1] >= 0).all()

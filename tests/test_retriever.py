@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quari import Adaptation, QuARIInputError, QuARIModel
-from quari.index import CandidateIndex, IndexConfig
+from quari.index import CandidateIndex
 from quari.retriever import Retriever
 
 from helpers import assert_topk_matches, dense_scores, make_set, score_tolerance, tiny_config
@@ -142,7 +142,7 @@ def test_query_batches_do_not_change_results(setup):
 def test_hnsw_index_adaptive_recall(tmp_path):
     """Through an approximate index the modes still return exact scores of real rows."""
     eset, stored, _ = make_set(tmp_path / "s", shards=(500, 500))
-    index = CandidateIndex.build(eset, IndexConfig(factory="HNSW16"), progress=False)
+    index = CandidateIndex.build(eset, "faiss:HNSW16", progress=False)
     torch.manual_seed(0)
     model = QuARIModel(tiny_config("reference")).eval()
     q = np.random.default_rng(2).standard_normal((3, 24)).astype(np.float32)
@@ -157,8 +157,8 @@ def test_bad_setups_are_named(setup, tmp_path):
     eset, _, _, model, index, q = setup
     with pytest.raises(QuARIInputError, match="needs a QuARI model"):
         Retriever(eset, None, index).search(q, mode="rerank")
-    with pytest.raises(QuARIInputError, match="needs a candidate index"):
-        Retriever(eset, model, None).search(q, mode="adaptive")
+    with pytest.raises(QuARIInputError, match="needs a candidate index: build one with `quari"):
+        Retriever(eset, model, None, scan_below=100).search(q, mode="adaptive")
     with pytest.raises(QuARIInputError, match="expected embedding dimension 24, got 7"):
         Retriever(eset, model, index).search(np.ones((1, 7)))
     with pytest.raises(QuARIInputError, match="mode must be one of"):
@@ -169,3 +169,125 @@ def test_bad_setups_are_named(setup, tmp_path):
     wide = QuARIModel(tiny_config("paper", embedding_dim=32))
     with pytest.raises(QuARIInputError, match="expects 32-d embeddings"):
         Retriever(eset, wide, index)
+
+
+def test_a_model_already_on_the_device_is_not_moved(tmp_path):
+    """Moving a model drops its CUDA graphs (QuARIModel._apply resets them), so the Retriever
+    moves it only when it is elsewhere: count the moves."""
+    eset, _, _ = make_set(tmp_path / "s")
+    model = QuARIModel(tiny_config("paper")).eval()
+    moves = []
+    original = QuARIModel._apply
+
+    def counting(self, fn, *args, **kwargs):
+        moves.append(1)
+        return original(self, fn, *args, **kwargs)
+
+    QuARIModel._apply = counting
+    try:
+        Retriever(eset, model, device="cpu")
+        Retriever(eset, model, device=torch.device("cpu"))
+        assert moves == []
+        Retriever(eset, model.double(), device="cpu")  # a cast is a move
+        assert len(moves) == 1
+    finally:
+        QuARIModel._apply = original
+
+
+def test_text_and_image_queries_go_through_the_encoder(tmp_path):
+    from quari.store import EmbeddingSet
+
+    from embed_helpers import ToyEncoder, photo
+
+    encoder = ToyEncoder()
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((50, encoder.dim)).astype(np.float32)
+    rows[7] = encoder.encode_texts(["a red car"])[0]
+    rows[21] = encoder.encode_images([photo(3)])[0]
+    eset = EmbeddingSet.create(tmp_path / "s", dim=encoder.dim, encoder=encoder.id)
+    eset.append(rows, {"name": [f"item{i}" for i in range(50)]})
+    retriever = Retriever(eset, encoder=encoder)
+    by_text = retriever.search(texts=["a red car"], k=3, mode="plain")
+    assert by_text.ids[0, 0] == 7 and by_text.metadata[0]["name"][0].as_py() == "item7"
+    assert by_text.timings["encode"] > 0 and set(by_text.timings) >= {"adapt", "rescore"}
+    by_image = retriever.search(images=[photo(3)], k=3, mode="plain")
+    assert by_image.ids[0, 0] == 21
+    with pytest.raises(QuARIInputError, match="exactly one of"):
+        retriever.search(rows[:1], texts=["x"], mode="plain")
+    with pytest.raises(QuARIInputError, match="query 1 is empty"):
+        retriever.search(texts=["ok", "  "], mode="plain")
+    with pytest.raises(QuARIInputError, match="need an encoder"):
+        Retriever(eset).search(texts=["a red car"], mode="plain")
+    other = ToyEncoder()
+    other.id = "another-encoder"
+    with pytest.raises(QuARIInputError, match="encoder is for encoder 'another-encoder'"):
+        Retriever(eset, encoder=other)
+
+
+class LinearBaseline:
+    """A static linear map W for queries and gallery alike (T = W, q′ = normalize(W q)) — a
+    QueryAdapter that is not a QuARI model."""
+
+    def __init__(self, W: torch.Tensor) -> None:
+        self.W, self.embedding_dim, self.metadata = W, W.shape[0], {}
+
+    def __call__(self, queries: torch.Tensor) -> Adaptation:
+        B, E = queries.shape[0], self.W.shape[0]
+        U, S, Vh = torch.linalg.svd(self.W)  # T = W as factors U·diag(S), V
+        return Adaptation(queries @ self.W.T, (U * S).expand(B, E, E), Vh.T.expand(B, E, E))
+
+
+def test_a_baseline_query_adapter_scores_like_its_dense_oracle(setup):
+    from quari.adapters import QueryAdapter
+
+    eset, stored, _, _, index, queries = setup
+    W = torch.from_numpy(np.random.default_rng(5).standard_normal((24, 24)))
+    baseline = LinearBaseline(W.float())
+    assert isinstance(baseline, QueryAdapter)
+    result = Retriever(eset, baseline, index).search(queries, k=k, mode="scan")
+    q = queries @ W.numpy().T
+    d = stored @ W.numpy().T
+    oracle = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+        d / np.linalg.norm(d, axis=1, keepdims=True)
+    ).T
+    assert_topk_matches(result.ids, result.scores, oracle, k, 1e-4)
+
+
+def test_rescoring_gathers_fp32_sets_in_their_own_dtype(tmp_path):
+    """clip-retrieval output written in float32 opens as it is; candidates are rescored from
+    the fp32 rows (an fp16 gather would cost ~1e-3 in the scores)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quari.store import EmbeddingSet
+
+    rng = np.random.default_rng(2)
+    rows = rng.standard_normal((300, 24))
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    (tmp_path / "s" / "img_emb").mkdir(parents=True)
+    (tmp_path / "s" / "metadata").mkdir()
+    np.save(tmp_path / "s" / "img_emb" / "img_emb_0.npy", rows.astype(np.float32))
+    pq.write_table(
+        pa.table({"n": np.arange(300)}), tmp_path / "s" / "metadata" / "metadata_0.parquet"
+    )
+    eset = EmbeddingSet.open(tmp_path / "s")
+    assert eset.dtype == "float32"
+    index = CandidateIndex.build(eset, progress=False, save=False)
+    q = rng.standard_normal((3, 24)).astype(np.float32)
+    res = Retriever(eset, index=index).search(q, k=5, mode="plain", candidates=300)
+    exact = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ rows.T
+    np.testing.assert_allclose(res.scores, -np.sort(-exact, axis=1)[:, :5], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["plain", "rerank", "adaptive"])
+def test_small_sets_without_an_index_find_the_flat_index_candidates(setup, mode):
+    eset, _, _, model, index, q = setup
+    with_index = Retriever(eset, model, index).search(q, k=k, mode=mode, candidates=K)
+    without = Retriever(eset, model).search(q, k=k, mode=mode, candidates=K)
+    np.testing.assert_array_equal(without.ids, with_index.ids)
+    np.testing.assert_allclose(without.scores, with_index.scores, atol=1e-6)
+    assert any("no candidate index" in note for note in without.notes)
+    where = "group == 2"
+    filtered = Retriever(eset, model, exact_below=0).search(q, k=k, mode=mode, where=where)
+    expected = Retriever(eset, model, index, exact_below=0).search(q, k=k, mode=mode, where=where)
+    np.testing.assert_array_equal(filtered.ids, expected.ids)

@@ -8,9 +8,15 @@ A quari model folder holds three files::
     README.md           a model card generated from the two above
 
 The reference implementation (mvrl/QuARI) ships ``config.yml`` (constructor arguments under
-``hparams``) and ``weights.pt`` (a state dict). :func:`load_reference` imports those into the
-``"reference"`` variant; the weights are read with ``torch.load(weights_only=True)`` so a
-malicious pickle cannot run code.
+``hparams``) and ``weights.pt`` (a state dict); its released checkpoints on the Hugging Face hub
+(``EricX003/QuARI-<backbone>``) name them ``model_hyperparams.yml`` and ``model_weights.pt``
+(``{"state_dict": …}``, keys possibly prefixed ``hypernetwork.`` beside the backbone's).
+:func:`load_reference` imports either into the ``"reference"`` variant; the weights are read
+with ``torch.load(weights_only=True)`` so a malicious pickle cannot run code.
+
+:func:`load_model` takes any of these by spec: a quari model folder, a reference folder, or
+``hf:<repo-id>[@revision]`` (downloaded once through ``huggingface_hub``'s cache; with
+``HF_HUB_OFFLINE=1`` only the cache is read).
 """
 
 from __future__ import annotations
@@ -27,15 +33,17 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from quari import __version__
-from quari.errors import CheckpointError
+from quari.errors import CheckpointError, NotFoundError, QuARIInputError, missing_extra
 from quari.fileio import atomic_write, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
 
-__all__ = ["CheckpointError", "load", "load_reference", "save"]
+__all__ = ["CheckpointError", "load", "load_model", "load_reference", "save"]
 
 FORMAT = "quari-model"
 FORMAT_VERSION = 1
 
+# A reference checkpoint's two files: (config, weights) as in the fixture, then as released.
+_REFERENCE_FILES = (("config.yml", "weights.pt"), ("model_hyperparams.yml", "model_weights.pt"))
 # Reference hyper-parameter names → HyperNetConfig fields.
 _REFERENCE_HPARAMS = {
     "embedding_dim": "embedding_dim",
@@ -138,32 +146,38 @@ def load(folder: str | os.PathLike[str], *, map_location: str | torch.device = "
 
 
 def load_reference(folder: str | os.PathLike[str]) -> QuARIModel:
-    """Imports a reference-implementation checkpoint (``config.yml`` + ``weights.pt``).
+    """Imports a reference-implementation checkpoint.
 
     Args:
-        folder: Folder holding ``config.yml`` (with ``hparams``) and ``weights.pt``.
+        folder: Folder holding ``config.yml`` (with ``hparams``) and ``weights.pt``, or the
+            released layout ``model_hyperparams.yml`` and ``model_weights.pt``.
 
     Returns:
         A ``"reference"``-variant :class:`QuARIModel` in eval mode that reproduces the
-        reference outputs (q′ and scores) to float32 rounding.
+        reference outputs (q′ and scores) to float32 rounding. ``metadata["backbone"]`` holds
+        the checkpoint's ``feature_extractor`` entry when it names one.
 
     Raises:
         CheckpointError: missing files, unknown hyper-parameters, a file that is not a plain
             state dict, or missing/unexpected/misshapen weights.
 
     Example:
-        >>> model = load_reference("../shared/fixtures/official-small")  # doctest: +SKIP
+        >>> model = load_reference("tests/fixtures/official-small")  # doctest: +SKIP
     """
     folder = Path(folder)
-    config_path, weights_path = folder / "config.yml", folder / "weights.pt"
+    found = [(folder / c, folder / w) for c, w in _REFERENCE_FILES if (folder / c).is_file()]
+    config_path, weights_path = (
+        found[0] if found else (folder / "config.yml", folder / "weights.pt")
+    )
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(
-                f"{path}: missing; a reference checkpoint needs config.yml and weights.pt"
+                f"{path}: missing; a reference checkpoint needs config.yml and weights.pt "
+                "(or model_hyperparams.yml and model_weights.pt)"
             )
     try:
         meta = yaml.safe_load(config_path.read_text())
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{config_path}: not valid YAML ({exc})") from exc
     hparams = meta.get("hparams") if isinstance(meta, dict) else None
     if not isinstance(hparams, dict):
@@ -180,16 +194,92 @@ def load_reference(folder: str | os.PathLike[str]) -> QuARIModel:
         raw = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt/unsafe pickles
         raise CheckpointError(
-            f"{weights_path}: cannot be read as a plain state dict ({exc})"
-        ) from exc
+            f"{weights_path}: cannot be read as a plain state dict "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        raw = raw["state_dict"]
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise CheckpointError(f"{weights_path}: expected a state dict of tensors")
+    if any(k.startswith("hypernetwork.") for k in raw):
+        # A whole training checkpoint: keep the hypernetwork's weights, drop the backbone's.
+        raw = {
+            k[len("hypernetwork.") :]: v for k, v in raw.items() if k.startswith("hypernetwork.")
+        }
     state = {_rename_reference_key(k): v for k, v in raw.items()}
     model = _build(config, state, weights_path)
     model.metadata = {"source": "reference checkpoint", "imported_from": str(folder)}
     if meta.get("note"):
         model.metadata["note"] = meta["note"]
+    if isinstance(meta.get("feature_extractor"), str):
+        model.metadata["backbone"] = meta["feature_extractor"]
     return model
+
+
+def load_model(
+    spec: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> QuARIModel:
+    """Loads a model from a quari model folder, a reference checkpoint or the hub.
+
+    Args:
+        spec: A folder (``config.json`` → :func:`load`; ``config.yml`` or
+            ``model_hyperparams.yml`` → :func:`load_reference`), or ``hf:<repo-id>`` /
+            ``hf:<repo-id>@<revision>`` — a repository on the Hugging Face hub holding either
+            layout (e.g. ``hf:EricX003/QuARI-google-siglip2-base-patch16-512``), fetched into
+            ``huggingface_hub``'s cache once; ``HF_HUB_OFFLINE=1`` reads the cache only.
+        map_location: Device for the weights.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        CheckpointError: a folder holding no model, a repository that cannot be fetched (or is
+            not cached, offline), or any problem :func:`load` / :func:`load_reference` names.
+
+    Example:
+        >>> model = load_model("hf:EricX003/QuARI-clip-vit-base-patch16")  # doctest: +SKIP
+    """
+    text = os.fspath(spec)
+    if text.startswith("hf:"):
+        folder = _hub_folder(text[3:])
+    else:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise NotFoundError(f"{folder}: no such model folder")
+    if (folder / "config.json").is_file():
+        return load(folder, map_location=map_location)
+    if any((folder / c).is_file() for c, _ in _REFERENCE_FILES):
+        return load_reference(folder).to(map_location)
+    raise CheckpointError(
+        f"{spec}: neither a quari model folder (config.json + model.safetensors) nor a "
+        "reference checkpoint (config.yml + weights.pt, or model_hyperparams.yml + "
+        "model_weights.pt)"
+    )
+
+
+def _hub_folder(repo: str) -> Path:
+    """A local snapshot of a hub model repository (downloaded once, then from the cache)."""
+    repo_id, _, revision = repo.partition("@")
+    if not repo_id or repo_id.count("/") != 1:
+        raise QuARIInputError(f"hf:{repo}: expected hf:<owner>/<name>[@revision]")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+    except ImportError as exc:
+        raise missing_extra("hf: model specs", "hf", exc) from exc
+    patterns = ["*.json", "*.safetensors", "*.md", "*.yml", "*.yaml", "*.pt"]
+    try:
+        path = snapshot_download(repo_id, revision=revision or None, allow_patterns=patterns)
+    except HFValidationError as exc:
+        raise QuARIInputError(f"hf:{repo}: {exc}") from None
+    except Exception as exc:  # network errors, a missing repo, or not cached while offline
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the cache)" if offline else ""
+        raise CheckpointError(
+            f"hf:{repo}: cannot fetch the model{hint}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
+    return Path(path)
 
 
 def _rename_reference_key(key: str) -> str:

@@ -17,6 +17,8 @@ filter (few rows pass) is answered exactly over the passing rows instead.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,16 +28,20 @@ import pyarrow.compute as pc
 import torch
 
 from quari.adaptation import Adaptation
+from quari.adapters import CosineAdapter, QueryAdapter, adapter_device
+from quari.encoders import Encoder
+from quari.errors import QuARIInputError
 from quari.filters import parse_where
-from quari.hypernet import QuARIModel
 from quari.index import CandidateIndex
 from quari.store import EmbeddingSet
-from quari.validation import QuARIInputError, as_embeddings, check_k
+from quari.validation import as_embeddings, check_k
 
-__all__ = ["MODES", "Retriever", "SearchResult"]
+__all__ = ["MODES", "STAGES", "Retriever", "SearchResult"]
 
 Mode = Literal["plain", "rerank", "adaptive", "scan"]
 MODES: tuple[str, ...] = ("plain", "rerank", "adaptive", "scan")
+#: The stages :attr:`SearchResult.timings` reports, in order.
+STAGES: tuple[str, ...] = ("encode", "adapt", "candidates", "rescore", "metadata")
 
 
 @dataclass
@@ -48,6 +54,7 @@ class SearchResult:
         mode: The search mode used.
         metadata: Per query, the metadata rows of its valid ids (None without metadata).
         notes: Human-readable remarks (e.g. a filter that fewer than k rows pass).
+        timings: Seconds spent per stage (:data:`STAGES`) for the whole batch.
     """
 
     ids: np.ndarray
@@ -55,6 +62,7 @@ class SearchResult:
     mode: str
     metadata: list[pa.Table] | None = None
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -78,57 +86,108 @@ class SearchResult:
 
 
 class Retriever:
-    """Embeds nothing itself: takes query embeddings, adapts them, retrieves from a set.
+    """Search one embedding set: [encoder] → query adapter → candidates → exact rescoring.
 
     Args:
         eset: The embedding set (gallery).
-        model: A QuARI model (needed for every mode but ``plain``).
+        model: A :class:`~quari.adapters.QueryAdapter` — a QuARI model or a baseline —
+            needed for every mode but ``plain`` (which uses :class:`~quari.adapters.CosineAdapter`).
         index: A candidate index over ``eset`` (needed for ``plain``, ``rerank``, ``adaptive``).
-        device: Where the model and the scoring run.
+        encoder: Embeds text and image queries (:func:`quari.encoders.load_encoder`); must be
+            the encoder the set was embedded with. Without it, queries are embeddings.
+        device: Where the adapter and the scoring run. An adapter already there is not moved
+            (moving would drop a QuARI model's CUDA graphs).
         batch_size: Queries adapted and scored together.
         exact_below: A filter passed by at most this many rows is answered exactly over those
             rows instead of through the index.
+        scan_below: Without an index, sets of at most this many rows find their candidates by
+            an exact scan (the same candidates a Flat index gives); larger sets need an index.
 
     Example:
         >>> r = Retriever(eset, model, CandidateIndex.load(eset))  # doctest: +SKIP
         >>> res = r.search(q, k=10, mode="adaptive", where='label == "cat"')  # doctest: +SKIP
+        >>> Retriever(eset, model, index, encoder=enc).search(texts=["a red car"])  # doctest: +SKIP
     """
 
     def __init__(
         self,
         eset: EmbeddingSet,
-        model: QuARIModel | None = None,
+        model: QueryAdapter | None = None,
         index: CandidateIndex | None = None,
         *,
+        encoder: Encoder | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         exact_below: int = 50_000,
+        scan_below: int = 250_000,
     ) -> None:
+        self.device = torch.device(device)
         if model is not None:
             if model.embedding_dim != eset.dim:
                 raise QuARIInputError(
                     f"the model expects {model.embedding_dim}-d embeddings, the set "
                     f"{eset.root} holds {eset.dim}-d"
                 )
-            encoder = model.metadata.get("encoder")
-            if encoder and eset.encoder != "unknown" and encoder != eset.encoder:
+            _check_encoder("model was trained", getattr(model, "metadata", {}).get("encoder"), eset)
+            model = _on_device(model, self.device)
+        if encoder is not None:
+            if encoder.dim != eset.dim:
                 raise QuARIInputError(
-                    f"the model was trained for encoder {encoder!r}, the set {eset.root} was "
-                    f"embedded with {eset.encoder!r}"
+                    f"the encoder {encoder.id!r} makes {encoder.dim}-d embeddings, the set "
+                    f"{eset.root} holds {eset.dim}-d"
                 )
-            model = model.to(device).eval()
+            _check_encoder("encoder is", encoder.id, eset)
         if index is not None and index.eset is not eset and index.eset.root != eset.root:
             raise QuARIInputError("the index belongs to a different embedding set")
-        self.eset, self.model, self.index = eset, model, index
-        self.device = torch.device(device)
+        self.eset, self.model, self.index, self.encoder = eset, model, index, encoder
+        self.baseline = CosineAdapter(eset.dim, eset.encoder)
         self.batch_size = batch_size
         self.exact_below = exact_below
+        self.scan_below = scan_below
+
+    # -- queries --------------------------------------------------------------------------------
+    def encode(
+        self, *, texts: Sequence[str] | None = None, images: Sequence[Any] | None = None
+    ) -> torch.Tensor:
+        """Embeds text or image queries with the retriever's encoder.
+
+        Args:
+            texts: Query strings.
+            images: RGB PIL images (decode files with :func:`quari.embed.images.load_image`).
+
+        Returns:
+            (B, E) float32 unit-norm query embeddings.
+
+        Raises:
+            QuARIInputError: no encoder, both or neither of ``texts`` and ``images``, an
+                empty list.
+        """
+        if self.encoder is None:
+            raise QuARIInputError(
+                "text and image queries need an encoder (Retriever(..., encoder=...) or "
+                "--encoder); without one, pass query embeddings"
+            )
+        if (texts is None) == (images is None):
+            raise QuARIInputError("give exactly one of texts and images")
+        items = list(texts if texts is not None else images)
+        if not items:
+            raise QuARIInputError("no queries given")
+        if texts is not None:
+            bad = [i for i, t in enumerate(items) if not isinstance(t, str) or not t.strip()]
+            if bad:
+                raise QuARIInputError(f"texts: query {bad[0]} is empty or not a string")
+            vectors = self.encoder.encode_texts(items)
+        else:
+            vectors = self.encoder.encode_images(items)
+        return torch.from_numpy(np.asarray(vectors, dtype=np.float32))
 
     def search(
         self,
-        queries: Any,
+        queries: Any = None,
         k: int = 10,
         *,
+        texts: Sequence[str] | None = None,
+        images: Sequence[Any] | None = None,
         mode: Mode = "adaptive",
         candidates: int = 1000,
         where: str | pc.Expression | None = None,
@@ -139,19 +198,29 @@ class Retriever:
         Args:
             queries: (B, E) query embeddings from the set's encoder (text or image tower).
             k: Results per query.
+            texts: Text queries instead (needs an encoder).
+            images: Image queries instead (PIL images; needs an encoder).
             mode: ``"plain"``, ``"rerank"``, ``"adaptive"`` or ``"scan"`` (module docstring).
             candidates: K, the index candidates per query (per probe in ``adaptive``).
             where: Metadata filter (pyarrow expression or filter string).
             with_metadata: Attach the metadata rows of the results.
 
         Returns:
-            A :class:`SearchResult`.
+            A :class:`SearchResult` with per-stage timings.
         """
         k, candidates = check_k(k), check_k(candidates)
         if mode not in MODES:
             raise QuARIInputError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "plain" and self.model is None:
             raise QuARIInputError(f"mode {mode!r} needs a QuARI model")
+        given = sum(x is not None for x in (queries, texts, images))
+        if given != 1:
+            raise QuARIInputError("give exactly one of queries (embeddings), texts and images")
+        timings = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        if queries is None:
+            queries = self.encode(texts=texts, images=images)
+        timings["encode"] = time.perf_counter() - t0
         q = as_embeddings(queries, self.eset.dim, "queries", normalize=True)
         notes: list[str] = []
         selection = None
@@ -164,51 +233,77 @@ class Retriever:
                 )
         exact = mode == "scan" or (selection is not None and selection.size <= self.exact_below)
         if not exact and self.index is None:
-            raise QuARIInputError(f"mode {mode!r} needs a candidate index (or use mode='scan')")
+            if self.eset.rows > self.scan_below:
+                raise QuARIInputError(
+                    f"mode {mode!r} on {self.eset.rows:,} rows needs a candidate index: build "
+                    f"one with `quari index build {self.eset.root}` (sets of up to "
+                    f"{self.scan_below:,} rows are searched without one)"
+                )
+            notes.append(
+                "no candidate index: candidates found by an exact scan (build one with "
+                "`quari index build` for large sets)"
+            )
         ids, scores = [], []
         for start in range(0, q.shape[0], self.batch_size):
             batch = q[start : start + self.batch_size]
-            ad = self._adapt(batch, mode)
+            ad = self._adapt(batch, mode, timings)
             if exact:
-                top_ids, top_scores = self._exact(ad, k, selection)
+                top_ids, top_scores = self._exact(ad, k, selection, timings)
             else:
-                top_ids, top_scores = self._via_index(ad, batch, k, mode, candidates, selection)
+                top_ids, top_scores = self._via_index(
+                    ad, batch, k, mode, candidates, selection, timings
+                )
                 if selection is not None:
                     # A restrictive selector can leave queries short (HNSW graph or IVF probe
                     # limits) although enough rows pass: answer those exactly instead.
                     short = np.flatnonzero((top_ids >= 0).sum(1) < min(k, selection.size))
                     if short.size:
-                        sub = self._adapt(batch[torch.from_numpy(short)], mode)
-                        top_ids[short], top_scores[short] = self._exact(sub, k, selection)
+                        sub = self._adapt(batch[torch.from_numpy(short)], mode, timings)
+                        top_ids[short], top_scores[short] = self._exact(sub, k, selection, timings)
             ids.append(top_ids)
             scores.append(top_scores)
-        result = SearchResult(np.concatenate(ids), np.concatenate(scores), mode, notes=notes)
+        result = SearchResult(
+            np.concatenate(ids), np.concatenate(scores), mode, notes=notes, timings=timings
+        )
         if with_metadata:
+            t0 = time.perf_counter()
             result.metadata = [
                 self._metadata(row, score)
                 for row, score in zip(result.ids, result.scores, strict=True)
             ]
+            timings["metadata"] = time.perf_counter() - t0
         return result
 
     # -- internals -----------------------------------------------------------------------------
-    def _adapt(self, batch: torch.Tensor, mode: str) -> Adaptation:
-        if mode == "plain":
-            return Adaptation.identity(batch.to(self.device))
+    def _adapt(self, batch: torch.Tensor, mode: str, timings: dict[str, float]) -> Adaptation:
+        t0 = time.perf_counter()
+        adapter = self.baseline if mode == "plain" else self.model
         with torch.inference_mode():
-            return self.model(batch.to(self.device))
+            ad = adapter(batch.to(self.device))
+        timings["adapt"] += time.perf_counter() - t0
+        return ad
 
     def _exact(
-        self, ad: Adaptation, k: int, selection: np.ndarray | None
+        self,
+        ad: Adaptation,
+        k: int,
+        selection: np.ndarray | None,
+        timings: dict[str, float],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact scan over the whole set, or over the selected rows."""
+        t0 = time.perf_counter()
         with torch.inference_mode():
             if selection is None:
                 top = ad.scan(self.eset.iter_chunks(), k)
-                return _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
-            if selection.size == 0:
-                return _pad(np.empty((len(ad), 0), np.int64), np.empty((len(ad), 0), np.float32), k)
-            top = ad.scan(self.eset.iter_gathered(selection), k)
-            return _pad(selection[top.ids.cpu().numpy()], top.scores.cpu().numpy(), k)
+                out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
+            elif selection.size == 0:
+                empty = np.empty((len(ad), 0), np.int64)
+                out = _pad(empty, empty.astype(np.float32), k)
+            else:
+                top = ad.scan(self.eset.iter_gathered(selection), k)
+                out = _pad(selection[top.ids.cpu().numpy()], top.scores.cpu().numpy(), k)
+        timings["rescore"] += time.perf_counter() - t0
+        return out
 
     def _via_index(
         self,
@@ -218,20 +313,41 @@ class Retriever:
         mode: str,
         K: int,
         selection: np.ndarray | None,
+        timings: dict[str, float],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Index candidates (on q, and on w for adaptive), then exact rescoring."""
+        t0 = time.perf_counter()
         K = max(K, k)
-        _, cand = self.index.search(q.numpy(), K, selection=selection)
+        cand = self._candidates(q, K, selection)
         if mode == "adaptive":
-            w = torch.nn.functional.normalize(ad.adapted_query().float(), dim=-1).cpu().numpy()
-            _, cand_w = self.index.search(w, K, selection=selection)
+            w = torch.nn.functional.normalize(ad.adapted_query().float(), dim=-1).cpu()
+            cand_w = self._candidates(w, K, selection)
             cand = _unique_rows(np.concatenate([cand, cand_w], axis=1))
+        t1 = time.perf_counter()
+        timings["candidates"] += t1 - t0
         valid = cand >= 0
-        vectors = np.zeros((*cand.shape, self.eset.dim), dtype=np.float16)
+        # Gathered in the set's own dtype (fp16 usually, fp32 sets exist): rescoring upcasts.
+        vectors = np.zeros((*cand.shape, self.eset.dim), dtype=np.dtype(self.eset.dtype))
         vectors[valid] = self.eset.gather(cand[valid])
         with torch.inference_mode():
             top = ad.rerank(torch.from_numpy(cand), torch.from_numpy(vectors), k)
-        return _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
+        out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
+        timings["rescore"] += time.perf_counter() - t1
+        return out
+
+    def _candidates(
+        self, vectors: torch.Tensor, K: int, selection: np.ndarray | None
+    ) -> np.ndarray:
+        """(B, K) candidate row ids by inner product: from the index, or — for small sets
+        without one — by an exact scan (unit-norm rows: the ranking of a Flat index)."""
+        if self.index is not None:
+            return self.index.search(vectors.numpy(), K, selection=selection)[1]
+        with torch.inference_mode():
+            ad = Adaptation.identity(vectors)
+            if selection is None:
+                return _pad(ad.scan(self.eset.iter_chunks(), K).ids.numpy(), None, K)[0]
+            top = ad.scan(self.eset.iter_gathered(selection), K).ids.numpy()
+            return _pad(np.where(top >= 0, selection[np.maximum(top, 0)], -1), None, K)[0]
 
     def _metadata(self, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
         valid = ids >= 0
@@ -239,6 +355,38 @@ class Retriever:
         if "row" not in table.column_names:
             table = table.add_column(0, "row", pa.array(ids[valid]))
         return table.add_column(1, "score", pa.array(scores[valid], pa.float32()))
+
+
+def _check_encoder(what: str, encoder: str | None, eset: EmbeddingSet) -> None:
+    """Refuses a model or encoder made for another embedding space than the set's."""
+    if encoder and eset.encoder != "unknown" and encoder != eset.encoder:
+        raise QuARIInputError(
+            f"the {what} for encoder {encoder!r}, the set {eset.root} was embedded with "
+            f"{eset.encoder!r}"
+        )
+
+
+def _on_device(adapter: Any, device: torch.device) -> Any:
+    """The adapter on ``device``, in eval mode; moved only when it is elsewhere (a move
+    replaces a QuARI model's parameters and drops its CUDA graphs)."""
+    if isinstance(adapter, torch.nn.Module):
+        here = adapter_device(adapter)
+        if here is not None and not _same_device(here, device):
+            adapter = adapter.to(device)
+        adapter.eval()
+    return adapter
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when device 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type != "cuda" or a.index == b.index:
+        return True
+    current = torch.cuda.current_device()
+    return (a.index if a.index is not None else current) == (
+        b.index if b.index is not None else current
+    )
 
 
 def _unique_rows(ids: np.ndarray) -> np.ndarray:
@@ -249,10 +397,12 @@ def _unique_rows(ids: np.ndarray) -> np.ndarray:
     return np.where(dup, -1, order)
 
 
-def _pad(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(ids: np.ndarray, scores: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Pads (B, m ≤ k) results to (B, k) with id −1 / score −inf."""
     B, m = ids.shape
     out_ids = np.full((B, k), -1, dtype=np.int64)
     out_scores = np.full((B, k), -np.inf, dtype=np.float32)
-    out_ids[:, :m], out_scores[:, :m] = ids, scores
+    out_ids[:, :m] = ids
+    if scores is not None:
+        out_scores[:, :m] = scores
     return out_ids, out_scores

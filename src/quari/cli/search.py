@@ -11,10 +11,11 @@ import numpy as np
 import typer
 from rich.table import Table
 
-from quari.checkpoint import CheckpointError, load, load_reference
+from quari.checkpoint import load_model
 from quari.cli import app, console, err_console, friendly_errors
-from quari.hypernet import QuARIModel
-from quari.index import CandidateIndex, IndexConfig
+from quari.embed.images import load_image
+from quari.encoders import EncoderConfig, load_encoder
+from quari.index import DEFAULT_SPEC, CandidateIndex, list_backends
 from quari.retriever import MODES, Retriever
 from quari.store import EmbeddingSet
 from quari.validation import QuARIInputError
@@ -25,27 +26,19 @@ app.add_typer(index_app, name="index")
 app.add_typer(set_app, name="set")
 
 
-def load_model(path: Path) -> QuARIModel:
-    """A quari model folder (config.json) or a reference checkpoint folder (config.yml)."""
-    if (path / "config.json").is_file():
-        return load(path)
-    if (path / "config.yml").is_file():
-        return load_reference(path)
-    raise CheckpointError(
-        f"{path}: neither a quari model folder (config.json + "
-        "model.safetensors) nor a reference checkpoint (config.yml + weights.pt)"
-    )
-
-
 @index_app.command("build")
 @friendly_errors
 def index_build(
     set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")],
-    factory: Annotated[
-        str | None, typer.Option(help="FAISS factory string (default: by size).")
-    ] = None,
-    nprobe: Annotated[int, typer.Option(help="IVF lists probed per query.")] = 32,
-    ef_search: Annotated[int, typer.Option(help="HNSW search breadth.")] = 256,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="Backend spec: faiss:auto (factory by size), faiss:<factory> (e.g. "
+            "faiss:HNSW32); see `quari index backends`."
+        ),
+    ] = DEFAULT_SPEC,
+    nprobe: Annotated[int, typer.Option(help="FAISS: IVF lists probed per query.")] = 32,
+    ef_search: Annotated[int, typer.Option(help="FAISS: HNSW search breadth.")] = 256,
     update: Annotated[
         bool, typer.Option(help="Only add rows appended since the last build.")
     ] = False,
@@ -55,14 +48,21 @@ def index_build(
     eset = EmbeddingSet.open(set_path)
     if update and CandidateIndex.exists(eset):
         index = CandidateIndex.load(eset, update=True)
-        console.print(f"index {index.factory} over {index.rows:,} rows is up to date")
+        console.print(f"index {index.spec} over {index.rows:,} rows is up to date")
         return
-    config = IndexConfig(factory=factory, nprobe=nprobe, ef_search=ef_search)
-    index = CandidateIndex.build(eset, config, progress=not quiet)
+    options = {"nprobe": nprobe, "ef_search": ef_search} if backend.startswith("faiss") else {}
+    index = CandidateIndex.build(eset, backend, progress=not quiet, **options)
     console.print(
-        f"built {index.factory} over {index.rows:,} rows in "
-        f"{index.info['build_seconds']:.1f} s → {index.paths()[0]}"
+        f"built {index.spec} over {index.rows:,} rows in "
+        f"{index.info.get('build_seconds', 0):.1f} s (index/{index.name}.json)"
     )
+
+
+@index_app.command("backends")
+def index_backends() -> None:
+    """List the candidate-index backends and their spec strings."""
+    for scheme, summary in list_backends().items():
+        console.print(f"[bold]{scheme}[/]  {summary}")
 
 
 @set_app.command("info")
@@ -102,13 +102,28 @@ def set_verify(set_path: Annotated[Path, typer.Argument(help="Embedding set fold
 def search(
     set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")],
     model: Annotated[
-        Path | None, typer.Option(help="QuARI model folder (or reference checkpoint).")
+        str | None,
+        typer.Option(
+            help="QuARI model: a model folder, a reference checkpoint folder, or "
+            "hf:<repo-id> (e.g. hf:EricX003/QuARI-google-siglip2-base-patch16-512)."
+        ),
     ] = None,
     query_embeddings: Annotated[
         Path | None, typer.Option(help=".npy of (B, E) or (E,) query embeddings.")
     ] = None,
     query_rows: Annotated[
         str | None, typer.Option(help="Comma-separated row ids of the set to use as image queries.")
+    ] = None,
+    text: Annotated[
+        list[str] | None, typer.Option(help="A text query (repeat for several); needs --encoder.")
+    ] = None,
+    image: Annotated[
+        list[Path] | None,
+        typer.Option(help="An image file as the query (repeat for several); needs --encoder."),
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="Encoder spec for --text/--image (the set's own, e.g. hf:<model>)."),
     ] = None,
     mode: Annotated[str, typer.Option(help=f"One of {', '.join(MODES)}.")] = "adaptive",
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = 10,
@@ -122,23 +137,34 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for the model and scoring.")] = "cpu",
 ) -> None:
-    """Search an embedding set with query embeddings."""
+    """Search an embedding set with query embeddings, set rows, texts or images."""
     eset = EmbeddingSet.open(set_path)
-    if (query_embeddings is None) == (query_rows is None):
-        raise QuARIInputError("give exactly one of --query-embeddings and --query-rows")
+    given = [query_embeddings, query_rows, text or None, image or None]
+    if sum(x is not None for x in given) != 1:
+        raise QuARIInputError(
+            "give exactly one of --query-embeddings, --query-rows, --text and --image"
+        )
+    queries, texts, images = None, text or None, None
     if query_embeddings is not None:
         queries = np.load(query_embeddings, allow_pickle=False)
         queries = queries[None] if queries.ndim == 1 else queries
-    else:
+    elif query_rows is not None:
         try:
             rows = [int(r) for r in query_rows.split(",") if r.strip()]
         except ValueError:
             raise QuARIInputError(f"--query-rows: expected integers, got {query_rows!r}") from None
         queries = eset.gather(rows).astype(np.float32)
+    elif image:
+        images = [load_image(path).image for path in image]
+    if (texts or images) and encoder is None:
+        raise QuARIInputError("--text and --image need --encoder (the set's encoder spec)")
+    query_encoder = load_encoder(encoder, EncoderConfig(device=device)) if encoder else None
     quari_model = load_model(model) if model is not None else None
     index = CandidateIndex.load(eset) if mode != "scan" and CandidateIndex.exists(eset) else None
-    retriever = Retriever(eset, quari_model, index, device=device)
-    result = retriever.search(queries, k, mode=mode, candidates=candidates, where=where)
+    retriever = Retriever(eset, quari_model, index, encoder=query_encoder, device=device)
+    result = retriever.search(
+        queries, k, texts=texts, images=images, mode=mode, candidates=candidates, where=where
+    )
     records = result.to_records()
     if as_json:
         json.dump(

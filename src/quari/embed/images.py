@@ -25,14 +25,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from quari.errors import QuARIInputError
+
 __all__ = ["DEFAULT_MAX_PIXELS", "BadImage", "DecodedImage", "load_image", "to_rgb"]
 
 #: PIL's own warning threshold (≈ 89.5 M pixels, e.g. 9,459²); above it an image is refused.
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
-class BadImage(Exception):
-    """A file that cannot be used as an image; ``str(exc)`` is the reason written to errors."""
+class BadImage(QuARIInputError):
+    """A file that cannot be used as an image; ``str(exc)`` is the reason written to errors
+    (``quari embed`` skips such files; a query image raises it as bad input)."""
 
 
 @dataclass(frozen=True)

@@ -31,16 +31,19 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from quari import __version__
+from quari.errors import QuARIInputError, StoreError
 from quari.fileio import atomic_write, read_json
-from quari.store import EmbeddingSet, StoreError
-from quari.validation import QuARIInputError
+from quari.index.faiss import build_faiss, faiss_search
+from quari.store import EmbeddingSet
+
+if TYPE_CHECKING:
+    import faiss
 
 __all__ = [
     "MiningConfig",
@@ -214,26 +217,22 @@ def _build_index(
     eset: EmbeddingSet, distinct: np.ndarray, config: MiningConfig, progress: bool
 ) -> faiss.Index:
     """An inner-product index over the unit-normalised ``distinct`` rows (index position i
-    holds row ``distinct[i]``)."""
-    factory = config.factory_for(eset.rows)
-    try:
-        index = faiss.index_factory(eset.dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise QuARIInputError(f"invalid FAISS factory string {factory!r}: {exc}") from exc
-    if not index.is_trained:
+    holds row ``distinct[i]``), built by the FAISS backend's building blocks."""
+
+    def train_sample() -> np.ndarray:
         rng = np.random.default_rng(config.seed)
         n_train = min(distinct.size, config.train_rows)
-        sample = np.sort(rng.choice(distinct, n_train, replace=False))
-        index.train(_unit_rows(eset.gather(sample)))
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        ivf.nprobe = config.nprobe
-    bar = tqdm(total=distinct.size, unit="rows", desc="index", disable=not progress, leave=False)
-    for _, chunk in eset.iter_gathered(distinct, config.chunk_rows):
-        index.add(_unit_rows(chunk))
-        bar.update(chunk.shape[0])
-    bar.close()
-    return index
+        return _unit_rows(eset.gather(np.sort(rng.choice(distinct, n_train, replace=False))))
+
+    chunks = (_unit_rows(chunk) for _, chunk in eset.iter_gathered(distinct, config.chunk_rows))
+    return build_faiss(
+        eset.dim,
+        config.factory_for(eset.rows),
+        chunks,
+        train_sample=train_sample,
+        total=distinct.size,
+        progress=progress,
+    )
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -275,7 +274,7 @@ def _search_distinct(
     with fewer than k distinct neighbours are searched again with 4× the room."""
     total = int(index.ntotal)
     k = min(total, config.k + 1 + extra)
-    sims, pos = index.search(queries, k)
+    sims, pos = faiss_search(index, queries, k, nprobe=config.nprobe)
     ids = np.where(pos >= 0, distinct[np.maximum(pos, 0)], -1)
     out_ids, out_w, left = _select(rows, sims, ids, config)
     short = left < config.k
