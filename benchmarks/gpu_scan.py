@@ -485,7 +485,7 @@ def correctness(b: Bench) -> None:
     torch = b.torch
     from quari import QuARIInputError
     from quari.kernels import scan_topk
-    from quari.kernels.scan import _torch_scores
+    from quari.kernels.scan import torch_scores
     from quari.kernels.scan_triton import fused_scores
 
     tol_oracle = {"bfloat16": 6e-3, "float16": 1.5e-3}
@@ -499,7 +499,7 @@ def correctness(b: Bench) -> None:
             scores = fused_scores(gallery, ad, out=out)
             b.sync()
             written = bool(torch.isfinite(scores).all())
-            ref = _torch_scores(ad, gallery, None)
+            ref = torch_scores(ad, gallery, None)
             want = oracle_scores(ad, gallery)
             d_path = float((scores - ref).abs().max())
             d_oracle = float((scores.double() - want).abs().max())
@@ -705,7 +705,7 @@ def gemm_shapes(b: Bench) -> None:
 
 def sweep(b: Bench, gallery) -> None:
     torch = b.torch
-    from quari.kernels.scan import _torch_scores
+    from quari.kernels.scan import torch_scores
     from quari.kernels.scan_triton import COMPILED, fused_scores, resolve_config
 
     p = b.plan
@@ -714,7 +714,7 @@ def sweep(b: Bench, gallery) -> None:
     for B in p.batches:
         ad = random_adaptation(b, B, "paper", seed=300 + B, dim=p.dim, rank=p.rank)
         check_rows = make_gallery(b, p.sweep_check_rows, p.dim, torch.bfloat16, seed=400 + B)
-        ref = _torch_scores(ad, check_rows, None)
+        ref = torch_scores(ad, check_rows, None)
         want = oracle_scores(ad, check_rows)
         scores = torch.empty(B, N, device=b.device)
         for cfg in sweep_configs(B, not b.cuda):

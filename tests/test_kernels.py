@@ -24,7 +24,7 @@ if not CUDA:
 
 from quari import Adaptation, HyperNetConfig, QuARIInputError, QuARIModel  # noqa: E402
 from quari.kernels import interpreting, scan_topk, select_backend, triton_available  # noqa: E402
-from quari.kernels.scan import _torch_scores  # noqa: E402
+from quari.kernels.scan import torch_scores  # noqa: E402
 
 from helpers import (  # noqa: E402
     assert_close,
@@ -93,7 +93,7 @@ def test_kernel_scores_match_torch_path_and_oracle(shape, variant, dtype):
     out = torch.full((shape[0], shape[3]), float("nan"), device=DEVICE)  # poisoned
     scores = fused_scores(gallery, ad, out=out)
     assert scores is out and torch.isfinite(scores).all(), "every score must be written"
-    assert_close(scores.cpu(), _torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
+    assert_close(scores.cpu(), torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
     assert_close(scores.cpu(), oracle(ad, gallery), ORACLE_TOL[dtype])
 
 
@@ -119,7 +119,7 @@ def test_every_tile_configuration_computes_the_same_scores(variant, case):
     config = config_cases()[case]
     ad, gallery = make_problem(5, 48, 8, 203, variant, torch.float16, seed=case)
     scores = fused_scores(gallery, ad, config=config)
-    assert_close(scores.cpu(), _torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
+    assert_close(scores.cpu(), torch_scores(ad.plan, gallery, None).cpu(), PATH_TOL)
 
 
 @needs_triton

@@ -6,8 +6,9 @@ Example:
     ...                EmbedConfig(rows_per_shard=5000))  # doctest: +SKIP
 """
 
+from quari.embed.engine import EmbedConfig, list_engines, register_engine
 from quari.embed.images import DEFAULT_MAX_PIXELS, BadImage, DecodedImage, load_image
-from quari.embed.job import EmbedConfig, EmbedResult, embed, read_errors
+from quari.embed.job import EmbedResult, embed, read_errors
 from quari.embed.sources import Item, Source, open_source
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "Item",
     "Source",
     "embed",
+    "list_engines",
     "load_image",
     "open_source",
     "read_errors",
+    "register_engine",
 ]

@@ -24,8 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,52 +32,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quari.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image
-from quari.embed.sources import Item, Source, open_source
+from quari.embed.engine import ChunkBuffer, EmbedConfig, engine_for
+from quari.embed.sources import Source, open_source
 from quari.encoders import Encoder, EncoderConfig, load_encoder
 from quari.fileio import atomic_write
 from quari.store import EmbeddingSet, StoreError
 from quari.validation import QuARIInputError
 
-__all__ = ["EmbedConfig", "EmbedResult", "decode_item", "embed", "read_errors"]
+__all__ = ["EmbedResult", "embed", "read_errors"]
 
 JOB_FILE = "embed_job.json"
 ERRORS_DIR = "errors"
-
-
-@dataclass(frozen=True)
-class EmbedConfig:
-    """How ``quari embed`` runs.
-
-    Attributes:
-        rows_per_shard: Input images per chunk, so rows per output shard (fewer where images
-            were bad). Fixed for the life of a set: a resumed run must use the same value.
-        batch_size: Images per forward pass; ``None``: 16 on CPU (fastest in
-            ``benchmarks/bench_embed.py``: small batches stay in cache), 64 on CUDA.
-        workers: DataLoader worker processes that read, decode and preprocess; ``None``: one
-            fewer than the CPU count, at most 4 (0 decodes in the main process).
-        max_pixels: Largest width × height accepted (decompression-bomb guard).
-        progress: Show a progress bar (images/s and ETA) on stderr.
-        engine: ``"local"`` (this process + DataLoader workers) or ``"ray"`` (Ray Data actors).
-        ray_actors: Encoder actors for the Ray engine (each takes a GPU when CUDA is present).
-        ray_address: Ray cluster to join; ``None`` starts or reuses a local instance.
-        ray_num_cpus: CPUs for a local Ray instance (``None``: all).
-    """
-
-    rows_per_shard: int = 10_000
-    batch_size: int | None = None
-    workers: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    progress: bool = True
-    engine: str = "local"
-    ray_actors: int = 1
-    ray_address: str | None = None
-    ray_num_cpus: int | None = None
-
-    def resolved_workers(self) -> int:
-        if self.workers is not None:
-            return max(0, int(self.workers))
-        return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
@@ -93,60 +57,6 @@ class EmbedResult:
     shards_written: int
     shards_reused: int
     seconds: float
-
-
-@dataclass
-class ChunkBuffer:
-    """Results of one input chunk as they arrive (in any order)."""
-
-    index: int
-    start: int
-    size: int
-    vectors: dict[int, np.ndarray] = field(default_factory=dict)
-    texts: dict[int, np.ndarray] = field(default_factory=dict)
-    sizes: dict[int, tuple[int, int]] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> bool:
-        return len(self.vectors) + len(self.errors) == self.size
-
-    def accept(
-        self, k: int, vector: np.ndarray, text: np.ndarray | None, size: tuple[int, int]
-    ) -> bool:
-        """Records item ``k``'s result — or an error if the encoder gave a NaN/Inf or all-zero
-        vector (fp16 overflow, a degenerate input), which the store would refuse for the
-        whole shard. Returns whether the row was kept."""
-        pos = k - self.start
-        for what, v in (("image", vector), ("caption", text)):
-            if v is not None and not (np.isfinite(v).all() and v.any()):
-                self.errors[pos] = f"the encoder returned NaN/Inf or a zero vector for the {what}"
-                return False
-        self.vectors[pos] = vector
-        self.sizes[pos] = size
-        if text is not None:
-            self.texts[pos] = text
-        return True
-
-
-def decode_item(
-    item: Item, preprocessor: Callable[[Any], dict[str, np.ndarray]], max_pixels: int
-) -> tuple[dict[str, np.ndarray] | None, str | None, int, int]:
-    """Reads, decodes and preprocesses one item: ``(inputs, None, w, h)`` or
-    ``(None, reason, -1, -1)``. Never raises for a bad file."""
-    try:
-        try:
-            data = item.read()
-        except OSError as exc:
-            raise BadImage(f"unreadable file: {exc.strerror or exc}") from None
-        decoded = load_image(data, max_pixels=max_pixels)
-    except BadImage as exc:
-        return None, str(exc), -1, -1
-    try:
-        inputs = preprocessor(decoded.image)
-    except Exception as exc:  # a processor choking on an odd image must not end the run
-        return None, f"preprocessing failed: {type(exc).__name__}: {exc}", -1, -1
-    return inputs, None, decoded.width, decoded.height
 
 
 def chunk_bounds(n: int, rows_per_shard: int) -> list[tuple[int, int]]:
@@ -281,8 +191,7 @@ def embed(
     config = config or EmbedConfig()
     if config.rows_per_shard < 1 or (config.batch_size is not None and config.batch_size < 1):
         raise QuARIInputError("rows_per_shard and batch_size must be at least 1")
-    if config.engine not in ("local", "ray"):
-        raise QuARIInputError(f"unknown engine {config.engine!r}: local or ray")
+    run = engine_for(config.engine)
     src = source if isinstance(source, Source) else open_source(source)
     if not src.items:
         raise QuARIInputError(f"{src.location}: no images found")
@@ -304,15 +213,7 @@ def embed(
     pending = [ChunkBuffer(i, s, e - s) for i, (s, e) in enumerate(bounds) if i not in done]
     written = 0
     if pending:
-        if config.engine == "ray":
-            from quari.embed.ray_engine import run_ray
-
-            finished: Iterator[ChunkBuffer] = run_ray(src, enc, pending, config, encoder_config)
-        else:
-            from quari.embed.local import run_local
-
-            finished = run_local(src, enc, pending, config)
-        for chunk in finished:
+        for chunk in run(src, enc, pending, config, encoder_config):
             write_chunk(eset, src, chunk)
             written += 1
     errors = read_errors(out)

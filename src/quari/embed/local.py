@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from quari.embed.job import ChunkBuffer, EmbedConfig, decode_item
+from quari.embed.engine import ChunkBuffer, EmbedConfig, decode_item
 from quari.embed.sources import Item, Source
-from quari.encoders import Encoder, collate
+from quari.encoders import Encoder, EncoderConfig, collate
 
 __all__ = ["run_local"]
 
@@ -58,9 +58,14 @@ def _worker_init(_: int) -> None:
 
 
 def run_local(
-    source: Source, encoder: Encoder, chunks: list[ChunkBuffer], config: EmbedConfig
+    source: Source,
+    encoder: Encoder,
+    chunks: list[ChunkBuffer],
+    config: EmbedConfig,
+    encoder_config: EncoderConfig | None = None,
 ) -> Iterator[ChunkBuffer]:
-    """Encodes the given chunks, yielding each once complete (in chunk order)."""
+    """Encodes the given chunks, yielding each once complete (in chunk order); the encoder is
+    already loaded, so ``encoder_config`` is not needed here."""
     batches: list[list[int]] = []
     owner: dict[int, ChunkBuffer] = {}
     step = config.batch_size or 16

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from quari.embed.job import ChunkBuffer, EmbedConfig, decode_item
+from quari.embed.engine import ChunkBuffer, EmbedConfig, decode_item
 from quari.embed.sources import Source
 from quari.encoders import Encoder, EncoderConfig, EncoderError, load_encoder
 from quari.errors import missing_extra

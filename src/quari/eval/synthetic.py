@@ -158,7 +158,7 @@ class PlantedSpec:
                 f"{self.subspace_dim} (both ≥ 1)"
             )
 
-    def _fixed(self) -> tuple[np.ndarray, np.ndarray]:
+    def centroids_and_bases(self) -> tuple[np.ndarray, np.ndarray]:
         """(centroids (clusters, cluster_dim), bases (clusters, A, A)), from ``seed``.
 
         Cached for the last spec: at E = 768 the bases take seconds (and 400 MB at 100
@@ -170,7 +170,7 @@ class PlantedSpec:
     def subspace_basis(self, cluster: int) -> np.ndarray:
         """(E, subspace_dim) orthonormal basis of S_k in embedding space — what an ideal
         query-specific map for a caption of ``cluster`` projects onto."""
-        _, bases = self._fixed()
+        _, bases = self.centroids_and_bases()
         out = np.zeros((self.dim, self.subspace_dim))
         out[self.cluster_dim :] = bases[cluster][:, : self.subspace_dim]
         return out
@@ -279,7 +279,7 @@ def planted_pairs(
     Returns:
         A :class:`PlantedData`; caption t belongs to image ``t // captions_per_image``.
     """
-    centroids, bases = spec._fixed()
+    centroids, bases = spec.centroids_and_bases()
     C, S = spec.cluster_dim, spec.subspace_dim
     A = spec.dim - C
     rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from functools import lru_cache
 
@@ -21,8 +22,8 @@ def interpreting() -> bool:
 @lru_cache(maxsize=1)
 def _triton_imports() -> bool:
     try:
-        import triton
-        import triton.language  # noqa: F401
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
     except Exception:  # ImportError, or a broken install failing in any other way at import
         return False
     return True

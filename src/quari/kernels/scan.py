@@ -40,7 +40,7 @@ from quari.scoring import (
 )
 from quari.validation import check_k
 
-__all__ = ["scan_topk", "select_backend", "select_topk"]
+__all__ = ["scan_topk", "select_backend", "select_topk", "torch_scores"]
 _SCORE_BYTES = 1 << 30  # fp32 scores of one segment
 _HOST_COPY_BYTES = 512 << 20  # gallery rows copied to the device per segment
 _TORCH_BLOCK_BYTES = 256 << 20  # the torch path's fp32 projections per block
@@ -149,7 +149,7 @@ def scan_topk(
             if chosen == "triton":
                 scores = _kernel_scores(plan, part, config, fallback)
             if scores is None:
-                scores = _torch_scores(plan, part, block_rows)
+                scores = torch_scores(plan, part, block_rows)
             finite = torch.isfinite(scores).all()  # checked after the top-k is queued
             values, indices = select_topk(scores, min(k, part.shape[0]))
             if not bool(finite):
@@ -238,8 +238,19 @@ def _kernel_scores(
     return None  # the torch path
 
 
-def _torch_scores(plan: ScoringPlan, part: torch.Tensor, block_rows: int | None) -> torch.Tensor:
-    """(B, n) scores by GEMM blocks + the plan's epilogue (the N×B×k block is bounded)."""
+def torch_scores(
+    plan: ScoringPlan, part: torch.Tensor, block_rows: int | None = None
+) -> torch.Tensor:
+    """(B, n) scores of a device segment by GEMM blocks + the plan's epilogue — the torch
+    backend, and the reference the kernel is checked against.
+
+    Args:
+        plan: The queries' plan.
+        part: (n, E) rows on the plan's device; fp16/bf16 rows meet the projection rounded to
+            their dtype, as in the kernel.
+        block_rows: Rows per GEMM block (default: ~256 MiB of fp32 projections; the N×B×k
+            intermediate never exceeds one block).
+    """
     B, flat, s2 = plan.batch, plan.projection.flat, None
     half = part.dtype in HALF_DTYPES
     if half:

@@ -15,11 +15,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quari.training.config import PRESETS, TrainConfig, TrainSource
 from quari.training.errors import TrainingError
 from quari.training.mining import MiningConfig, load_semipositives, mine_semipositives
+
+if TYPE_CHECKING:  # imported lazily at run time (below): Lightning is heavy
+    from quari.training.loop import TrainResult, train
+    from quari.training.module import QuARITrainingModule
 
 __all__ = [
     "PRESETS",
