@@ -52,6 +52,7 @@ from torch import nn
 import quari
 from quari import Adaptation
 from quari.checkpoint import CheckpointError, load
+from quari.eval.metrics import relevance_matrix, retrieval_metrics
 from quari.eval.synthetic import (
     ClusteredSpec,
     PlantedSpec,
@@ -159,14 +160,15 @@ def planted_dataset(rows: int, spec: PlantedSpec, seed: int, root: Path) -> Embe
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(
-        np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)])
-    )
+    """Mean share of each query's exact (scan) ids that ``found`` holds: recall@k vs scan."""
+    rel, n_relevant = relevance_matrix(found, truth)
+    return retrieval_metrics(rel, n_relevant, ("r",))["r"]
 
 
 def task_recall(found: np.ndarray, true_rows: np.ndarray, at: int) -> float:
     """Share of queries whose true row is among the first ``at`` results."""
-    return float((found[:, :at] == true_rows[:, None]).any(axis=1).mean())
+    rel, n_relevant = relevance_matrix(found, true_rows)
+    return retrieval_metrics(rel, n_relevant, (f"r@{at}",))[f"r@{at}"]
 
 
 def load_trained(folder: Path, dim: int) -> QuARIModel:

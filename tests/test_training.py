@@ -20,7 +20,7 @@ from quari.eval.synthetic import PlantedSpec, planted_pairs, write_planted_set
 from quari.training import MiningConfig, TrainConfig, TrainingError, TrainSource, train
 from quari.training.distributed import gather_cat, gather_cat_with_grad
 from quari.training.loss import quari_loss
-from quari.training.module import QuARITrainingModule
+from quari.training.module import VAL_TOP_K, QuARITrainingModule, validation_metrics
 
 from helpers import tiny_config
 
@@ -126,6 +126,32 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
     card = (cfg.out / "README.md").read_text()
     assert "synthetic:planted" in card and "val/recall@1" in card
     assert elapsed < 90, f"end-to-end took {elapsed:.0f} s of CPU time"
+
+
+@pytest.mark.parametrize("gallery_size", [40, VAL_TOP_K + 60])
+def test_validation_metrics_match_brute_force_ranks(gallery_size):
+    """val/… and baseline/… against full argsort ranks of each query's one true image:
+    recall@k = share ranked < k, mAP = mean 1 / rank within the top VAL_TOP_K (0 past it)."""
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()
+    gallery = torch.nn.functional.normalize(torch.randn(gallery_size, 24), dim=1)
+    target = torch.randint(0, gallery_size, (70,))
+    sign = torch.ones(70, 1)
+    sign[:10] = -1  # ten queries face away from their image: ranked last by cosine
+    queries = torch.nn.functional.normalize(sign * gallery[target] + torch.randn(70, 24), dim=1)
+    got = validation_metrics(model, queries, gallery, target, batch_size=32)
+    with torch.no_grad():
+        adapted = model(queries).score(gallery)
+    for prefix, scores in (("val", adapted), ("baseline", queries @ gallery.T)):
+        order = scores.argsort(dim=1, descending=True)
+        rank = (order == target[:, None]).float().argmax(1).numpy()  # 0-based
+        for k in (1, 5, 10):
+            assert got[f"{prefix}/recall@{k}"] == pytest.approx((rank < k).mean())
+        mean_rr = np.where(rank < VAL_TOP_K, 1.0 / (rank + 1), 0.0).mean()
+        if prefix == "baseline":
+            assert (rank >= VAL_TOP_K).any() == (gallery_size > VAL_TOP_K)
+        assert got[f"{prefix}/mAP"] == pytest.approx(mean_rr)
+    assert got["val/mAP"] != pytest.approx(got["baseline/mAP"])
 
 
 class Kill(Callback):

@@ -37,7 +37,7 @@ from quari.fileio import atomic_write
 from quari.training.config import TrainConfig
 from quari.training.data import ResumableBatchSampler, ResumableLoader, TrainingData
 from quari.training.errors import TrainingError
-from quari.training.module import QuARITrainingModule, retrieval_metrics
+from quari.training.module import QuARITrainingModule, validation_metrics
 
 __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
 
@@ -373,7 +373,7 @@ def _export(
     final_steps = int(load(last).metadata.get("steps", 0))
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
     if not model.metadata.get("metrics"):
-        metrics = retrieval_metrics(model, *validation)
+        metrics = validation_metrics(model, *validation)
         model.metadata["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
     save(model, config.out)
     metrics = {k: float(v) for k, v in (model.metadata.get("metrics") or {}).items()}

@@ -2,9 +2,13 @@
 
 Validation is text→image retrieval over the held-out images: every validation caption ranks
 every validation image by its adapted score (exact :meth:`quari.Adaptation.score`), and the
-frozen cosine baseline ranks them by cos(q, d). Logged per validation: ``val/recall@{1,5,10}``
-and ``val/mAP`` (one relevant image per query, so AP = 1 / rank and mAP = MRR) and the same
-``baseline/…`` numbers.
+frozen cosine baseline ranks them by cos(q, d). The top :data:`VAL_TOP_K` images of each query
+(``torch.topk``; ties in the order topk returns them) are scored by
+:func:`quari.eval.metrics.per_query_metrics` against the query's one true image. Logged per
+validation (names in :data:`VAL_METRICS`): ``val/recall@{1,5,10}`` and ``val/mAP`` = AP@1000
+with the min(R, k) normaliser — with one relevant image per query that is 1 / rank when the
+image is in the top 1000, else 0 (exactly MRR for galleries of up to 1000 images) — and the
+same ``baseline/…`` numbers.
 """
 
 from __future__ import annotations
@@ -18,15 +22,31 @@ import torch
 import torch.distributed as dist
 
 from quari.adaptation import Adaptation
+from quari.eval.metrics import per_query_metrics, relevance_matrix
 from quari.hypernet import HyperNetConfig, QuARIModel
 from quari.training.config import TrainConfig
 from quari.training.distributed import any_rank, gather_cat, gather_cat_with_grad, world
 from quari.training.errors import TrainingError
 from quari.training.loss import add_query_noise, quari_loss
 
-__all__ = ["QuARITrainingModule", "WarmupCosine", "retrieval_metrics", "step_seed"]
+__all__ = [
+    "VAL_METRICS",
+    "VAL_TOP_K",
+    "QuARITrainingModule",
+    "WarmupCosine",
+    "step_seed",
+    "validation_metrics",
+]
 
-RECALL_AT = (1, 5, 10)
+VAL_TOP_K = 1000
+# logged name → quari.eval.metrics name (the logged names are what checkpoints, early stopping
+# and the CLI summary read)
+VAL_METRICS = {
+    "recall@1": "r@1",
+    "recall@5": "r@5",
+    "recall@10": "r@10",
+    "mAP": f"map@{VAL_TOP_K}",
+}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -170,10 +190,10 @@ class QuARITrainingModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_stats:
             return
-        stats = torch.stack(self._val_stats).sum(0)  # (2, 2 + len(RECALL_AT))
+        stats = torch.stack(self._val_stats).sum(0)  # (2, 1 + len(VAL_METRICS))
         if world()[0] > 1:
             dist.all_reduce(stats)
-        adapted, cosine = _metrics(stats[0]), _metrics(stats[1])
+        adapted, cosine = _means(stats[0]), _means(stats[1])
         self.log_dict({f"val/{k}": v for k, v in adapted.items()}, sync_dist=False)
         self.log_dict({f"baseline/{k}": v for k, v in cosine.items()}, sync_dist=False)
 
@@ -181,20 +201,35 @@ class QuARITrainingModule(L.LightningModule):
 def _batch_stats(
     model: QuARIModel, queries: torch.Tensor, gallery: torch.Tensor, target: torch.Tensor
 ) -> torch.Tensor:
-    """(2, k) rank statistics of one query batch: adapted scores, then plain cosine."""
+    """(2, 1 + len(VAL_METRICS)) metric sums of one query batch: adapted, then plain cosine."""
     # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
     with torch.autocast(queries.device.type, enabled=False):
         ad = model(queries.float())
         ad = Adaptation(
             ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
         )
-        adapted = _ranks(ad.score(gallery), target)
-        cosine = _ranks(queries.float() @ gallery.T, target)
-    return torch.stack([_stats(adapted), _stats(cosine)])
+        adapted = _metric_sums(ad.score(gallery), target)
+        cosine = _metric_sums(queries.float() @ gallery.T, target)
+    return torch.stack([adapted, cosine])
+
+
+def _metric_sums(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[count, Σ metric …] of (B, G) scores against each query's one true gallery row — sums,
+    so batches and ranks reduce by addition."""
+    ranked = torch.topk(scores, min(VAL_TOP_K, scores.shape[1]), dim=1).indices
+    rel, n_relevant = relevance_matrix(ranked.cpu().numpy(), target.cpu().numpy())
+    per_query = per_query_metrics(rel, n_relevant, VAL_METRICS.values())
+    sums = [float(len(target))] + [float(v.sum()) for v in per_query.values()]
+    return torch.tensor(sums, dtype=torch.float64, device=scores.device)
+
+
+def _means(sums: torch.Tensor) -> dict[str, float]:
+    n = max(1.0, float(sums[0]))
+    return {name: float(sums[1 + i]) / n for i, name in enumerate(VAL_METRICS)}
 
 
 @torch.no_grad()
-def retrieval_metrics(
+def validation_metrics(
     model: QuARIModel,
     queries: torch.Tensor,
     gallery: torch.Tensor,
@@ -211,33 +246,17 @@ def retrieval_metrics(
         batch_size: Queries per forward pass.
 
     Returns:
-        ``val/recall@{1,5,10}``, ``val/mAP`` and the same ``baseline/…`` keys.
+        ``val/…`` and ``baseline/…`` of every :data:`VAL_METRICS` name.
+
+    Example:
+        >>> validation_metrics(model, queries, gallery, target)["val/mAP"]  # doctest: +SKIP
+        0.41
     """
     model.eval()
     stats = sum(
         _batch_stats(model, queries[i : i + batch_size], gallery, target[i : i + batch_size])
         for i in range(0, queries.shape[0], batch_size)
     )
-    out = {f"val/{k}": v for k, v in _metrics(stats[0]).items()}
-    out.update({f"baseline/{k}": v for k, v in _metrics(stats[1]).items()})
-    return out
-
-
-def _ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each query's relevant item (ties count against it)."""
-    positive = scores.gather(1, target[:, None])
-    return (scores >= positive).sum(1) - 1
-
-
-def _stats(ranks: torch.Tensor) -> torch.Tensor:
-    """[count, Σ 1/(rank+1), hits@k …] — sums, so shards reduce by addition."""
-    ranks = ranks.double()
-    hits = [(ranks < k).sum() for k in RECALL_AT]
-    return torch.stack([ranks.new_tensor(ranks.numel()), (1.0 / (ranks + 1)).sum(), *hits])
-
-
-def _metrics(stats: torch.Tensor) -> dict[str, float]:
-    n = max(1.0, float(stats[0]))
-    out = {f"recall@{k}": float(stats[2 + i]) / n for i, k in enumerate(RECALL_AT)}
-    out["mAP"] = float(stats[1]) / n
+    out = {f"val/{k}": v for k, v in _means(stats[0]).items()}
+    out.update({f"baseline/{k}": v for k, v in _means(stats[1]).items()})
     return out
