@@ -48,7 +48,7 @@ def test_reference_variant_is_identity_plus_normalised_low_rank():
 
 @pytest.mark.parametrize("variant,distinct", [("paper", True), ("reference", False)])
 def test_bank_identity(variant, distinct):
-    """PAPER.md §2.2: with zero-initialised banks and shared positions the U and V banks stay
+    """docs/method.md §3.3: with zero-initialised banks and shared positions the U and V banks stay
     equal; the paper variant gives them distinct positions so they differ."""
     model = _model(variant)
     model.v_decoder.load_state_dict(model.u_decoder.state_dict())  # same decoder on both banks
@@ -111,7 +111,7 @@ def test_model_scores_match_oracle_and_train_end_to_end(variant):
 
 
 def test_paper_sized_parameter_count():
-    """PAPER.md §2.4 counts ≈15.2 M parameters for E = 768, H = 512 (paper layout)."""
+    """docs/method.md §3.2 counts ≈15.2 M parameters for E = 768, H = 512 (paper layout)."""
     model = QuARIModel(HyperNetConfig(embedding_dim=768))
     n = sum(p.numel() for p in model.parameters())
     assert 14.5e6 < n < 16.0e6, n

@@ -20,8 +20,8 @@ Spec strings: ``offline:<head-folder>``; a bare ``offline`` uses ``$QUARI_OFFLIN
 
 Preprocessing (part of the head's config, so images are always treated as when it was fitted):
 shorter side resized to ``resolution`` (bicubic), centre crop, ``(x − 127) / 128`` — the
-scaling the TF-converted Lite weights expect. 112 px is the default: in OFFLINE-ASSETS.md's
-measurements it kept nearly all of 224 px's retrieval quality at several times the speed.
+scaling the TF-converted Lite weights expect. 112 px is the default: in our survey of offline
+assets it kept nearly all of 224 px's retrieval quality at several times the speed.
 """
 
 from __future__ import annotations

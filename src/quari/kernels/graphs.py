@@ -2,7 +2,7 @@
 the exact scan of a gallery resident on the GPU (:class:`GraphedScan`).
 
 At batch 1 the forward pass is a chain of a few hundred small kernels whose launch cost, not
-their arithmetic, sets the latency (GPU.md: 3.5 ms eager, 0.6 ms as one graph on an H200). A
+their arithmetic, sets the latency (H200: 6.3 ms eager, 2.6 ms as one fp32 graph; docs/results.md). A
 graph per batch size, captured once with static input and output buffers, replays the whole
 chain with one launch. A batch is padded up to the smallest captured size that holds it (the
 padding rows repeat a real query, so they compute finite values) and the outputs are cloned

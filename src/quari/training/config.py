@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, two presets (PAPER.md §3.5, ambiguity A5).
+"""Training configuration: one dataclass, two presets (docs/method.md §5.5, §6 A5).
 
 ``preset="paper"`` (default): AdamW (weight decay 1e-2), learning rate 1e-5 with linear warm-up
 and a cosine decay to 2e-7, gradient clipping 1.0, batch 320, the paper variant of the model.

@@ -1,4 +1,4 @@
-"""The QuARI training loss (PAPER.md §3.4, Eqs. 9–10, ambiguity A3) and the query noise (§3.2).
+"""The QuARI training loss (docs/method.md §5.4, Eqs. 9–10, §6 A3) and the query noise (§5.2).
 
 For a batch of B (query, image) pairs, query i is compared with every in-batch image *in its own
 adapted space*: S_{i,j} = cos(q′_i, T_i d_j) / τ. Scores come from the factored
@@ -69,8 +69,8 @@ def add_query_noise(
 ) -> torch.Tensor:
     """LinCIR query noise: q + scale · s · ε, s ~ U[0, 1] per sample, ε ~ N(0, I) per dimension.
 
-    Applied to unit query embeddings during training only, and not re-normalised (PAPER.md
-    §3.2); feed the result to the model with ``normalize=False``.
+    Applied to unit query embeddings during training only, and not re-normalised (docs/method.md
+    §5.2); feed the result to the model with ``normalize=False``.
 
     Args:
         queries: (B, E) unit query embeddings.

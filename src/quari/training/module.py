@@ -159,7 +159,7 @@ class QuARITrainingModule(L.LightningModule):
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if cfg.schedule == "onecycle":
-            # The reference recipe (PAPER.md §3.5): peak 5e-4 after 1 %, cosine annealing.
+            # The reference recipe (docs/method.md §5.5): peak 5e-4 after 1 %, cosine annealing.
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer,
                 max_lr=cfg.lr,
