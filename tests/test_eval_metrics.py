@@ -45,7 +45,7 @@ from quari.eval.metrics import (
 ALL = ("ap", "ndcg", "mrr", "p", "r")
 
 
-# -- golden values (computed with the official INQUIRE/ILIAS formulas) -----------------------------------------------------------
+# -- golden values (computed with the official INQUIRE/ILIAS formulas) ---------------------------
 @pytest.mark.parametrize(
     ("R", "ap", "ndcg_value"), [(3, 0.555556, 0.703918), (10, 0.333333, 0.508740)]
 )

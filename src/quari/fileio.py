@@ -10,7 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["atomic_write", "read_json", "sha256_file"]
+__all__ = ["atomic_write", "follow_links_default", "inside", "read_json", "sha256_file"]
+
+#: Set to 1 to let the files a set, model or run folder names be symlinks to places outside it.
+FOLLOW_LINKS_ENV = "QUARI_FOLLOW_LINKS"
 
 
 def _umask() -> int:
@@ -55,3 +58,55 @@ def read_json(path: Path, error: type[Exception] = ValueError) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path}: not valid JSON ({exc})") from exc
+
+
+def follow_links_default() -> bool:
+    """Whether ``$QUARI_FOLLOW_LINKS`` allows symlinks that leave their folder."""
+    return os.environ.get(FOLLOW_LINKS_ENV, "").strip().lower() not in ("", "0", "false")
+
+
+def inside(
+    root: Path,
+    rel: str | os.PathLike[str],
+    *,
+    error: type[Exception],
+    follow_links: bool | None = None,
+) -> Path:
+    """``root / rel``, refused unless it stays inside ``root``.
+
+    A folder's own description (a manifest, a config) may name files only below the folder: an
+    absolute path or one that climbs out with ``..`` is refused, and so is a symlink whose
+    target lies outside — unless ``follow_links`` (default: ``$QUARI_FOLLOW_LINKS``) allows
+    symlinks, e.g. shards kept on another disk.
+
+    Args:
+        root: The folder.
+        rel: The relative path it names.
+        error: The exception class to raise (the caller's kind: StoreError, CheckpointError …).
+        follow_links: Allow symlinks that point outside ``root``.
+
+    Returns:
+        The joined path (not resolved).
+
+    Raises:
+        error: naming the path and why it is refused.
+
+    Example:
+        >>> inside(Path("set"), "img_emb/img_emb_0.npy", error=ValueError)
+        PosixPath('set/img_emb/img_emb_0.npy')
+    """
+    rel_path = Path(rel)
+    if rel_path.is_absolute() or ".." in rel_path.parts or not rel_path.parts:
+        raise error(f"{root}: refers to {str(rel)!r}, outside its folder; refused")
+    path = root / rel_path
+    if follow_links is None:
+        follow_links = follow_links_default()
+    if not follow_links:
+        base = root.resolve()
+        target = path.resolve()
+        if target != base and base not in target.parents:
+            raise error(
+                f"{path}: a link to {target}, outside {root}; refused (set "
+                f"{FOLLOW_LINKS_ENV}=1 to allow links that leave the folder)"
+            )
+    return path

@@ -11,13 +11,13 @@ Two variants share the module:
 ``"paper"`` (the default) follows the paper: T = U Vᵀ (pure rank r), q′ = normalize(MLP(ctx)),
 a learned step embedding, decoders with LayerNorm. The token banks start at zero as in the paper
 but the whole sequence [ctx; U; V] gets sinusoidal positions 0..2r, so that the U and V banks
-receive different inputs and do not stay identical (``docs/method.md`` §3.2, §6 A10 — with shared positions
-the permutation-equivariant transformer updates both banks identically).
+receive different inputs and do not stay identical (``docs/method.md`` §3.2, §6 A10 — with
+shared positions the permutation-equivariant transformer updates both banks identically).
 
 ``"reference"`` reproduces the released checkpoints of the reference implementation
-(``docs/method.md`` §3.3, §3.4): T = I + α Û V̂ᵀ with Frobenius-normalised factors, q′ = normalize((1−λ)
-MLP(ctx) + λq), a sinusoidal step code through an MLP, shared positions pe[0:r] on both banks,
-and 5 % token dropout while training. Load such checkpoints with
+(``docs/method.md`` §3.3, §3.4): T = I + α Û V̂ᵀ with Frobenius-normalised factors,
+q′ = normalize((1−λ) MLP(ctx) + λq), a sinusoidal step code through an MLP, shared positions
+pe[0:r] on both banks, and 5 % token dropout while training. Load such checkpoints with
 :func:`quari.checkpoint.load_reference`.
 """
 

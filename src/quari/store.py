@@ -23,6 +23,8 @@ the manifest leaves files that no manifest lists: ``open(..., recover=True)`` de
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -38,8 +40,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from quari.errors import NotFoundError, QuARIInputError
-from quari.fileio import atomic_write, sha256_file
+from quari.errors import LockError, NotFoundError, QuARIInputError
+from quari.fileio import atomic_write, inside, sha256_file
 from quari.layout import (
     MANIFEST,
     Layout,
@@ -56,6 +58,7 @@ from quari.validation import as_embeddings
 __all__ = ["EmbeddingSet", "Shard", "StoreError"]  # Shard, StoreError: from quari.layout
 
 _ROW = "__quari_row"  # row-id column added to metadata while filtering
+LOCK_FILE = ".quari-write.lock"
 
 
 class EmbeddingSet:
@@ -92,6 +95,14 @@ class EmbeddingSet:
         self.has_manifest = has_manifest
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._tables: dict[int, pa.Table] = {}
+        self.follow_links: bool | None = None  # None: $QUARI_FOLLOW_LINKS decides
+        self._lock_fd: int | None = None
+        self._lock_depth = 0
+
+    def path(self, file: ShardFile) -> Path:
+        """The path of one of the set's files, refused unless it lies inside the set's folder
+        (``..``, absolute paths and links that leave it; see :func:`quari.fileio.inside`)."""
+        return inside(self.root, file.path, error=StoreError, follow_links=self.follow_links)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -132,7 +143,13 @@ class EmbeddingSet:
         return eset
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, recover: bool = False) -> EmbeddingSet:
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        *,
+        recover: bool = False,
+        follow_links: bool | None = None,
+    ) -> EmbeddingSet:
         """Opens a set written by quari, or clip-retrieval output without a manifest.
 
         Structural checks run here (headers, sizes, row counts, dims); checksums are checked
@@ -145,6 +162,9 @@ class EmbeddingSet:
                 after renaming a shard's files but before committing the manifest leaves behind;
                 no reader has ever seen them. Only the process that owns the set (a resumed
                 ``quari embed``) should pass this.
+            follow_links: Accept shard files that are symlinks to places outside the folder
+                (default: ``$QUARI_FOLLOW_LINKS``); paths with ``..`` or absolute paths are
+                refused always.
 
         Raises:
             NotFoundError: ``root`` is not a folder.
@@ -157,9 +177,11 @@ class EmbeddingSet:
         manifest = root / MANIFEST
         layout = read_manifest(manifest) if manifest.exists() else infer_layout(root)
         eset = cls(root, **vars(layout))
+        eset.follow_links = follow_links
         if recover and eset.has_manifest:
-            for rel in eset.uncommitted_files():
-                (root / rel).unlink(missing_ok=True)
+            with eset.writing():  # never delete what a live writer is still committing
+                for rel in eset.uncommitted_files():
+                    (root / rel).unlink(missing_ok=True)
         eset._check_files()
         return eset
 
@@ -188,9 +210,9 @@ class EmbeddingSet:
         listed = set()
         kinds = {"text": set(), "metadata": set()}
         for shard in self.shards:
-            header = npy_header(self.root / shard.image.path)
+            header = npy_header(self.path(shard.image))
             listed.add(shard.image.path)
-            where = f"{self.root / shard.image.path}"
+            where = f"{self.path(shard.image)}"
             if header.shape[1] != self.dim:
                 raise StoreError(f"{where}: dimension {header.shape[1]}, the set has {self.dim}")
             if header.shape[0] != shard.rows:
@@ -201,7 +223,7 @@ class EmbeddingSet:
             kinds["metadata"].add(shard.metadata is not None)
             if shard.text is not None:
                 listed.add(shard.text.path)
-                text = npy_header(self.root / shard.text.path)
+                text = npy_header(self.path(shard.text))
                 if text.shape != header.shape:
                     raise StoreError(
                         f"{self.root / shard.text.path}: shape {text.shape}, its image "
@@ -209,7 +231,7 @@ class EmbeddingSet:
                     )
             if shard.metadata is not None:
                 listed.add(shard.metadata.path)
-                rows = parquet_rows(self.root / shard.metadata.path)
+                rows = parquet_rows(self.path(shard.metadata))
                 if rows != shard.rows:
                     raise StoreError(
                         f"{self.root / shard.metadata.path}: {rows} metadata rows, "
@@ -254,7 +276,7 @@ class EmbeddingSet:
         for s in self.shards:
             ident = s.image.sha256
             if ident is None:
-                st = (self.root / s.image.path).stat()
+                st = self.path(s.image).stat()
                 ident = f"size={st.st_size},mtime={st.st_mtime_ns}"
             out.append([s.rows, ident])
         return out
@@ -282,7 +304,7 @@ class EmbeddingSet:
             f = shard.image if kind == "image" else shard.text
             if f is None:
                 raise StoreError(f"{self.root}: the set has no {kind} embeddings")
-            self._maps[key] = np.load(self.root / f.path, mmap_mode="r")
+            self._maps[key] = np.load(self.path(f), mmap_mode="r")
         return self._maps[key]
 
     def _check_ids(self, ids: Any) -> np.ndarray:
@@ -347,7 +369,7 @@ class EmbeddingSet:
         if shard.metadata is None:
             raise StoreError(f"{self.root}: the set has no metadata")
         if shard.index not in self._tables:
-            path = self.root / shard.metadata.path
+            path = self.path(shard.metadata)
             try:
                 self._tables[shard.index] = pq.read_table(path, memory_map=True)
             except Exception as exc:
@@ -426,12 +448,19 @@ class EmbeddingSet:
                 metadata columns, a negative or already used ``index``.
             StoreError: the set was opened without a manifest (it is read-only to quari) or a
                 target file already exists.
+            LockError: another writer (another process, or another object in this one) holds
+                the set.
         """
         if not self.has_manifest:
             raise StoreError(
                 f"{self.root}: has no {MANIFEST} (a clip-retrieval folder); quari opens it "
                 "read-only — write a new set to append"
             )
+        with self.writing():
+            self._refresh()
+            return self._append(vectors, metadata, text_vectors, index)
+
+    def _append(self, vectors: Any, metadata: Any, text_vectors: Any, index: int | None) -> Shard:
         img = self._prepare(vectors, "vectors")
         n = img.shape[0]
         txt = None if text_vectors is None else self._prepare(text_vectors, "text_vectors")
@@ -477,6 +506,61 @@ class EmbeddingSet:
                 self._set_shards([s for s in self.shards if s.index != index])
             raise
         return next(s for s in self.shards if s.index == index)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[EmbeddingSet]:
+        """Holds the set's exclusive write lock (``.quari-write.lock``, an OS file lock) for the
+        duration of the block, so that no other writer — another process, or another
+        :class:`EmbeddingSet` of the same folder — appends meanwhile. Re-entrant; every
+        :meth:`append` takes it for its own duration, and long jobs (``quari embed``) hold it
+        for the whole run.
+
+        Raises:
+            LockError: another writer holds it (the message says what to do).
+
+        Example:
+            >>> with eset.writing():  # doctest: +SKIP
+            ...     eset.append(vectors_a); eset.append(vectors_b)
+        """
+        if self._lock_depth == 0:
+            path = self.root / LOCK_FILE
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise LockError(
+                    f"{self.root}: another writer is appending to this set (it holds "
+                    f"{LOCK_FILE}); wait until it finishes"
+                ) from None
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _refresh(self) -> None:
+        """Takes in shards another writer committed since this object read the manifest (called
+        under the write lock, so that an append never drops a shard it did not know about)."""
+        manifest = self.root / MANIFEST
+        if not manifest.exists():
+            return
+        on_disk = read_manifest(manifest).shards
+        mine = {s.index: s for s in self.shards}
+        theirs = {s.index: s for s in on_disk}
+        lost = [i for i in mine if i not in theirs or theirs[i].image != mine[i].image]
+        if lost:
+            raise StoreError(
+                f"{self.root}: {MANIFEST} no longer lists shard(s) {lost[:5]} this object holds "
+                "(the set was rewritten since it was opened); open it again"
+            )
+        if len(theirs) != len(mine):
+            self._set_shards(on_disk)
 
     def _set_shards(self, shards: Sequence[Shard]) -> None:
         """Orders shards by index and recomputes their row offsets."""
@@ -544,7 +628,7 @@ class EmbeddingSet:
             replace(
                 s,
                 **{
-                    k: (None if f is None else ShardFile(f.path, sha256_file(self.root / f.path)))
+                    k: (None if f is None else ShardFile(f.path, sha256_file(self.path(f))))
                     for k, f in (("image", s.image), ("text", s.text), ("metadata", s.metadata))
                 },
             )
@@ -561,7 +645,7 @@ class EmbeddingSet:
         """
         for shard in self.shards:
             for f in shard.files():
-                if f.sha256 is not None and sha256_file(self.root / f.path) != f.sha256:
+                if f.sha256 is not None and sha256_file(self.path(f)) != f.sha256:
                     raise StoreError(f"{self.root / f.path}: checksum differs from {MANIFEST}")
             for kind in ("image", "text") if shard.text is not None else ("image",):
                 mm = self._map(shard, kind)

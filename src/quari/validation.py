@@ -15,7 +15,7 @@ import torch
 
 from quari.errors import QuARIInputError
 
-__all__ = ["QuARIInputError", "as_embeddings", "check_k", "nonfinite_rows"]
+__all__ = ["QuARIInputError", "as_embeddings", "check_k", "nonfinite_rows", "unit_rows"]
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -62,7 +62,9 @@ def as_embeddings(
         dim: Required size of the last axis.
         name: Argument name for error messages (e.g. ``"queries"``).
         ndim: Allowed number of axes (an int or a tuple of ints).
-        normalize: L2-normalise along the last axis (zero rows stay zero).
+        normalize: L2-normalise along the last axis (:func:`unit_rows`: scaled first, so
+            huge and tiny rows normalise exactly); an all-zero row has no direction and is
+            refused.
         dtype: Floating dtype to convert to, or ``None`` to keep a floating input's dtype.
         device: Device to move to (``None`` keeps the input's device).
         allow_empty: Accept a leading axis of length zero.
@@ -74,7 +76,8 @@ def as_embeddings(
 
     Raises:
         QuARIInputError: on a wrong number of axes, a wrong last-axis size, an empty batch,
-            a non-floating dtype or any NaN/Inf value (the message names the first bad row).
+            a non-floating dtype, any NaN/Inf value, or (with ``normalize``) an all-zero row —
+            the message names the first bad row.
 
     Example:
         >>> q = as_embeddings(np.ones((2, 4)), 4, "queries", normalize=True)
@@ -112,8 +115,33 @@ def as_embeddings(
             f"{name}: row [{where_s}] contains NaN or Inf ({bad.numel()} bad row(s) in all)"
         )
     if normalize:
-        t = torch.nn.functional.normalize(t, dim=-1)
+        zero = torch.nonzero(~t.reshape(-1, dim).any(dim=-1)).flatten()
+        if zero.numel():
+            where = np.unravel_index(int(zero[0]), tuple(t.shape[:-1]))
+            where_s = ", ".join(str(int(i)) for i in where)
+            raise QuARIInputError(
+                f"{name}: row [{where_s}] is all zeros and has no direction to search along "
+                f"({zero.numel()} zero row(s) in all)"
+            )
+        t = unit_rows(t)
     return t
+
+
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows, exact for any finite scale.
+
+    Each row is first divided by its largest magnitude, so its squared norm can neither
+    overflow (rows of 1e20) nor underflow (rows of 1e-30) in fp32 — where plain
+    normalisation would turn such a row into zeros. All-zero rows stay zero.
+
+    Example:
+        >>> unit_rows(torch.tensor([[3e20, 4e20], [3e-30, 4e-30]]))
+        tensor([[0.6000, 0.8000],
+                [0.6000, 0.8000]])
+    """
+    peak = t.abs().amax(dim=-1, keepdim=True)
+    scaled = t / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.nn.functional.normalize(scaled, dim=-1)
 
 
 def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:

@@ -213,9 +213,10 @@ def embed(
     pending = [ChunkBuffer(i, s, e - s) for i, (s, e) in enumerate(bounds) if i not in done]
     written = 0
     if pending:
-        for chunk in run(src, enc, pending, config, encoder_config):
-            write_chunk(eset, src, chunk)
-            written += 1
+        with eset.writing():  # the whole run: a second writer is refused, not interleaved
+            for chunk in run(src, enc, pending, config, encoder_config):
+                write_chunk(eset, src, chunk)
+                written += 1
     errors = read_errors(out)
     return EmbedResult(
         set=eset,

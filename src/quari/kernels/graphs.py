@@ -2,11 +2,11 @@
 the exact scan of a gallery resident on the GPU (:class:`GraphedScan`).
 
 At batch 1 the forward pass is a chain of a few hundred small kernels whose launch cost, not
-their arithmetic, sets the latency (H200: 6.3 ms eager, 2.6 ms as one fp32 graph; docs/results.md). A
-graph per batch size, captured once with static input and output buffers, replays the whole
-chain with one launch. A batch is padded up to the smallest captured size that holds it (the
-padding rows repeat a real query, so they compute finite values) and the outputs are cloned
-out of the static buffers before the next replay can overwrite them.
+their arithmetic, sets the latency (H200: 6.3 ms eager, 2.6 ms as one fp32 graph; see
+docs/results.md). A graph per batch size, captured once with static input and output buffers,
+replays the whole chain with one launch. A batch is padded up to the smallest captured size
+that holds it (the padding rows repeat a real query, so they compute finite values) and the
+outputs are cloned out of the static buffers before the next replay can overwrite them.
 
 The graph also normalises the queries and checks them for NaN/Inf, so that nothing before the
 replay waits for the device: at batch 1 the host-side checks of the eager path (a
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from quari.errors import QuARIInputError
 from quari.scoring import ScoringPlan, TopK, as_plan, raise_nonfinite
-from quari.validation import as_embeddings
+from quari.validation import as_embeddings, unit_rows
 
 __all__ = ["PRECISIONS", "GraphedForward", "GraphedScan"]
 
@@ -100,8 +100,10 @@ class GraphedForward:
         dtype = next(runner.parameters()).dtype
 
         def predict(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            finite = torch.isfinite(q).all()
-            out = base(F.normalize(q, dim=-1).to(dtype))
+            # One flag for every check the eager path makes (finite, not all zero), read after
+            # the replay; the normalisation is scaled first, as eager's (unit_rows).
+            finite = torch.isfinite(q).all() & q.any(dim=-1).all()
+            out = base(unit_rows(q).to(dtype))
             # One flat fp32 buffer [q′ | U | V] per row: a single copy takes it out.
             return torch.cat([t.flatten(1) for t in out], dim=1).float(), finite
 
@@ -163,7 +165,7 @@ class GraphedForward:
             graph.replay()
             flat = static_out[:B].clone()
         if not bool(finite):  # the one synchronisation, after the work is queued
-            as_embeddings(q, q.shape[-1], "queries")  # raises, naming the first bad row
+            as_embeddings(q, q.shape[-1], "queries", normalize=True)  # raises, naming the row
         E, r = self._shape
         return flat[:, :E], flat[:, E : E + E * r].view(B, E, r), flat[:, E + E * r :].view(B, E, r)
 

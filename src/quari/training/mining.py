@@ -1,4 +1,5 @@
-"""Semi-positive mining: the nearest backbone neighbours of every target image (docs/method.md §5.3).
+"""Semi-positive mining: the nearest backbone neighbours of every target image
+(docs/method.md §5.3).
 
 For every row of an embedding set: its ``k`` = 100 nearest neighbours by cosine of the stored
 image embeddings (FAISS inner product over L2-normalised fp32 copies; exact ``Flat`` for small
