@@ -299,9 +299,14 @@ def _config_from(fields: Any, where: Path) -> HyperNetConfig:
 
 
 def _build(config: HyperNetConfig, state: dict[str, torch.Tensor], where: Path) -> QuARIModel:
-    """Creates the model for ``config`` and loads ``state`` strictly, with named mismatches."""
-    model = QuARIModel(config)
-    expected = model.state_dict()
+    """Creates the model for ``config`` and loads ``state`` strictly, with named mismatches.
+
+    The shapes are checked on a skeleton on the ``meta`` device first, which allocates
+    nothing: a config that does not fit its weights (``hidden_dim`` 65536 …) is refused before
+    any memory is taken for it.
+    """
+    with torch.device("meta"):
+        expected = QuARIModel(config).state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -316,6 +321,7 @@ def _build(config: HyperNetConfig, state: dict[str, torch.Tensor], where: Path) 
                 f"{where}: weight {key!r} has shape {tuple(state[key].shape)}, the config "
                 f"expects {tuple(tensor.shape)}"
             )
+    model = QuARIModel(config)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

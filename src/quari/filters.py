@@ -23,9 +23,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from quari.validation import QuARIInputError
+from quari.errors import LimitError, QuARIInputError
 
-__all__ = ["parse_where"]
+__all__ = ["MAX_FILTER_CHARS", "MAX_FILTER_DEPTH", "parse_where"]
+
+#: Longest filter string accepted.
+MAX_FILTER_CHARS = 10_000
+#: Deepest nesting of the filter's syntax tree (and/or/not/comparisons/calls).
+MAX_FILTER_DEPTH = 64
 
 _COMPARE = {
     ast.Eq: lambda a, b: a == b,
@@ -58,16 +63,44 @@ def parse_where(text: str) -> pc.Expression:
         >>> parse_where('label in ["cat", "dog"] and score > 0.5')
         <pyarrow.compute.Expression (is_in(label, ...) and (score > 0.5))>
     """
+    if not isinstance(text, str):
+        raise QuARIInputError(f"filter must be a string, got {type(text).__name__}")
+    if len(text) > MAX_FILTER_CHARS:
+        raise LimitError(
+            f"filter of {len(text):,} characters is longer than the limit of {MAX_FILTER_CHARS:,}"
+        )
+    shown = text if len(text) <= 80 else text[:77] + "..."
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise QuARIInputError(
-            f"filter {text!r}: syntax error at column {exc.offset}: {exc.msg}"
+            f"filter {shown!r}: syntax error at column {exc.offset}: {exc.msg}"
         ) from None
-    expr = _Compiler(text).visit(tree.body)
+    except (RecursionError, MemoryError, ValueError) as exc:  # pathological nesting, NUL bytes
+        raise QuARIInputError(
+            f"filter {shown!r}: cannot be parsed ({type(exc).__name__})"
+        ) from None
+    depth = _depth(tree.body)
+    if depth > MAX_FILTER_DEPTH:
+        raise LimitError(
+            f"filter {shown!r}: nested {depth} levels deep, more than the limit of "
+            f"{MAX_FILTER_DEPTH}"
+        )
+    expr = _Compiler(shown).visit(tree.body)
     if not isinstance(expr, pc.Expression):
         raise QuARIInputError(f"filter {text!r}: must be a condition, not a single value")
     return expr
+
+
+def _depth(root: ast.AST) -> int:
+    """Depth of a syntax tree, measured without recursion (the compiler below recurses)."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if level <= MAX_FILTER_DEPTH:
+            stack.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 class _Compiler(ast.NodeVisitor):

@@ -33,12 +33,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from quari.adaptation import Adaptation
-from quari.validation import QuARIInputError, as_embeddings
+from quari.errors import LimitError, QuARIInputError
+from quari.validation import as_embeddings
 
 __all__ = ["HyperNetConfig", "QuARIModel"]
 
 Variant = Literal["paper", "reference"]
 
+#: Largest value each size field may take (far above any real model; they stop a hostile or
+#: mistyped config from allocating tens of GB).
+SIZE_CEILINGS: dict[str, int] = {
+    "embedding_dim": 16384,
+    "rank": 4096,
+    "hidden_dim": 16384,
+    "num_layers": 128,
+    "num_heads": 1024,
+    "num_steps": 128,
+}
 # Per-variant defaults for the fields left as None in HyperNetConfig.
 _VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
     "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0},
@@ -90,10 +101,15 @@ class HyperNetConfig:
     def __post_init__(self) -> None:
         if self.variant not in _VARIANT_DEFAULTS:
             raise QuARIInputError(f"variant must be 'paper' or 'reference', got {self.variant!r}")
-        for name in ("embedding_dim", "rank", "hidden_dim", "num_layers", "num_heads", "num_steps"):
+        for name, ceiling in SIZE_CEILINGS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise QuARIInputError(f"{name} must be a positive integer, got {value!r}")
+            if value > ceiling:
+                raise LimitError(
+                    f"{name} = {value} is above quari's ceiling of {ceiling} (a config this "
+                    "large is a mistake or a hostile file)"
+                )
         if self.rank > self.embedding_dim:
             raise QuARIInputError(
                 f"rank ({self.rank}) cannot exceed embedding_dim ({self.embedding_dim})"

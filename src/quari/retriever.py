@@ -34,7 +34,7 @@ from quari.errors import QuARIInputError
 from quari.filters import parse_where
 from quari.index import CandidateIndex
 from quari.store import EmbeddingSet
-from quari.validation import as_embeddings, check_k
+from quari.validation import as_embeddings, check_device, check_k
 
 __all__ = ["MODES", "STAGES", "Retriever", "SearchResult"]
 
@@ -121,7 +121,7 @@ class Retriever:
         exact_below: int = 50_000,
         scan_below: int = 250_000,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = check_device(device)
         if model is not None:
             if model.embedding_dim != eset.dim:
                 raise QuARIInputError(
@@ -197,18 +197,22 @@ class Retriever:
 
         Args:
             queries: (B, E) query embeddings from the set's encoder (text or image tower).
-            k: Results per query.
+            k: Results per query (at most the set's rows: a larger k returns every row).
             texts: Text queries instead (needs an encoder).
             images: Image queries instead (PIL images; needs an encoder).
             mode: ``"plain"``, ``"rerank"``, ``"adaptive"`` or ``"scan"`` (module docstring).
-            candidates: K, the index candidates per query (per probe in ``adaptive``).
+            candidates: K, the index candidates per query (per probe in ``adaptive``; at most
+                the set's rows).
             where: Metadata filter (pyarrow expression or filter string).
             with_metadata: Attach the metadata rows of the results.
 
         Returns:
-            A :class:`SearchResult` with per-stage timings.
+            A :class:`SearchResult` with per-stage timings; ``ids``/``scores`` have
+            min(k, rows) columns.
         """
-        k, candidates = check_k(k), check_k(candidates)
+        # Both are clamped to the rows that exist: memory follows the work, not the number typed.
+        rows = max(1, self.eset.rows)
+        k, candidates = min(check_k(k), rows), min(check_k(candidates, "candidates"), rows)
         if mode not in MODES:
             raise QuARIInputError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "plain" and self.model is None:

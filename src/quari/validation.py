@@ -7,15 +7,24 @@ wrong dimension, a NaN or an empty batch fails the same way everywhere: with a
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from quari.errors import QuARIInputError
+from quari.errors import NotFoundError, QuARIInputError
 
-__all__ = ["QuARIInputError", "as_embeddings", "check_k", "nonfinite_rows", "unit_rows"]
+__all__ = [
+    "QuARIInputError",
+    "as_embeddings",
+    "check_device",
+    "check_k",
+    "load_array_file",
+    "nonfinite_rows",
+    "unit_rows",
+]
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -158,12 +167,84 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return suspects[~torch.isfinite(x[suspects]).all(dim=-1)]
 
 
-def check_k(k: Any) -> int:
-    """Validates a result count ``k`` and returns it as an int.
+def check_k(k: Any, name: str = "k") -> int:
+    """Validates a count (``k``, ``candidates`` …) and returns it as an int.
+
+    Args:
+        k: The value.
+        name: The argument's name, for the message.
 
     Raises:
         QuARIInputError: if ``k`` is not a positive integer.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise QuARIInputError(f"k must be a positive integer, got {k!r}")
+        raise QuARIInputError(f"{name} must be a positive integer, got {k!r}")
     return int(k)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a ``torch.device``.
+
+    Returns:
+        The device.
+
+    Raises:
+        QuARIInputError: not a device name, or a device this machine does not have.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise QuARIInputError(
+            f"device {device!r}: not a device name (use cpu, cuda, cuda:<n> or mps)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuARIInputError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QuARIInputError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise QuARIInputError(f"device {device!r}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise QuARIInputError(f"device {device!r}: quari runs on cpu, cuda or mps")
+    return dev
+
+
+def load_array_file(path: str | os.PathLike[str], name: str = "queries") -> np.ndarray:
+    """Reads a numeric ``.npy`` array (never unpickling anything).
+
+    Args:
+        path: The file.
+        name: What it holds, for messages.
+
+    Returns:
+        The array (a 1-D array becomes one row).
+
+    Raises:
+        NotFoundError: no such file.
+        QuARIInputError: not a numeric .npy array (pickled objects, garbage, an .npz).
+    """
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise QuARIInputError(f"{path}: a folder, not a .npy file of {name}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise QuARIInputError(
+            f"{path}: not a numeric .npy array of {name} ({str(exc).splitlines()[0]})"
+        ) from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive
+        raise QuARIInputError(f"{path}: an .npz archive; save one array with np.save")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise QuARIInputError(f"{path}: {name} must be numbers, got dtype {arr.dtype}")
+    return arr[None] if arr.ndim == 1 else arr

@@ -15,10 +15,11 @@ from quari.checkpoint import load_model
 from quari.cli import app, console, err_console, friendly_errors
 from quari.embed.images import load_image
 from quari.encoders import EncoderConfig, load_encoder
+from quari.errors import NotFoundError, QuARIInputError
 from quari.index import DEFAULT_SPEC, CandidateIndex, list_backends
 from quari.retriever import MODES, Retriever
 from quari.store import EmbeddingSet
-from quari.validation import QuARIInputError
+from quari.validation import load_array_file
 
 index_app = typer.Typer(help="Candidate indexes over an embedding set.", no_args_is_help=True)
 set_app = typer.Typer(help="Inspect and check embedding sets.", no_args_is_help=True)
@@ -139,6 +140,14 @@ def search(
 ) -> None:
     """Search an embedding set with query embeddings, set rows, texts or images."""
     eset = EmbeddingSet.open(set_path)
+    shown = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    if shown:
+        known = ["rank", "row", "score"]
+        if eset.has_metadata and eset.shards:
+            known += eset.metadata_table(eset.shards[0]).column_names
+        unknown = [c for c in shown if c not in known]
+        if unknown:
+            raise NotFoundError(f"--columns: no column {unknown[0]!r}; the set has {known}")
     given = [query_embeddings, query_rows, text or None, image or None]
     if sum(x is not None for x in given) != 1:
         raise QuARIInputError(
@@ -146,8 +155,7 @@ def search(
         )
     queries, texts, images = None, text or None, None
     if query_embeddings is not None:
-        queries = np.load(query_embeddings, allow_pickle=False)
-        queries = queries[None] if queries.ndim == 1 else queries
+        queries = load_array_file(query_embeddings, "query embeddings")
     elif query_rows is not None:
         try:
             rows = [int(r) for r in query_rows.split(",") if r.strip()]
@@ -176,7 +184,6 @@ def search(
         return
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-    shown = columns.split(",") if columns else None
     for b, rows in enumerate(records):
         table = Table(title=f"query {b} · {result.mode}", title_justify="left")
         keys = ["rank", "row", "score"]

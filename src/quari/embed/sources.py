@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -35,6 +36,10 @@ _PATH_COLUMNS = ("path", "image_path", "filepath", "file", "image", "filename")
 _CAPTION_COLUMNS = ("caption", "text", "title")
 
 
+#: Largest file read as one image (the decoder's pixel limit applies after that).
+MAX_ITEM_BYTES = 256 << 20
+
+
 @dataclass(frozen=True)
 class Item:
     """One input image: where its bytes are and how it is named in the metadata.
@@ -51,13 +56,28 @@ class Item:
     offset: int = -1
     size: int = -1
 
-    def read(self) -> bytes:
-        """The item's bytes (raises OSError if the file is gone)."""
-        if self.offset < 0:
-            return Path(self.file).read_bytes()
+    def read(self, max_bytes: int = MAX_ITEM_BYTES) -> bytes:
+        """The item's bytes.
+
+        Only regular files are opened (a FIFO would block the run forever, ``/dev/zero``
+        would exhaust memory), and at most ``max_bytes`` are read.
+
+        Raises:
+            OSError: the file is gone, is not a regular file, or is larger than ``max_bytes``.
+        """
+        st = os.stat(self.file)  # follows links: the target must be a regular file
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"not a regular file: {self.file}")
+        size = st.st_size if self.offset < 0 else self.size
+        if size > max_bytes:
+            raise OSError(f"{size:,} bytes, over the {max_bytes:,}-byte limit per image")
         with open(self.file, "rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
+            if self.offset >= 0:
+                f.seek(self.offset)
+            data = f.read(size + 1 if self.offset < 0 else size)
+        if len(data) > max_bytes:  # grew while being read
+            raise OSError(f"over the {max_bytes:,}-byte limit per image")
+        return data
 
 
 @dataclass

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,7 @@ def build_faiss(
     total: int | None = None,
     progress: bool = False,
     desc: str = "index",
+    name_row: Callable[[int], str] = lambda position: f"vector {position}",
 ) -> faiss.Index:
     """Builds an inner-product index from vectors streamed in chunks (bounded memory).
 
@@ -143,9 +144,13 @@ def build_faiss(
         total: Vectors to expect, for the progress bar.
         progress: Show a progress bar.
         desc: Progress bar label.
+        name_row: Names the vector at an index position in error messages.
 
     Returns:
         The filled index.
+
+    Raises:
+        StoreError: a vector holds NaN or Inf (named by ``name_row``).
     """
     index = new_faiss_index(dim, factory)
     if not index.is_trained:
@@ -154,11 +159,24 @@ def build_faiss(
             raise QuARIInputError(f"FAISS factory {factory!r} needs training vectors")
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
     bar = tqdm(total=total, unit="rows", desc=desc, disable=not progress, leave=False)
+    position = 0
     for chunk in chunks:
-        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
-        bar.update(len(chunk))
+        vectors = _finite(chunk, position, name_row)
+        index.add(vectors)
+        position += len(vectors)
+        bar.update(len(vectors))
     bar.close()
     return index
+
+
+def _finite(chunk: Any, position: int, name_row: Callable[[int], str]) -> np.ndarray:
+    """The chunk as contiguous fp32, refused if a row holds NaN or Inf (FAISS would index it
+    silently and return garbage neighbours)."""
+    vectors = np.ascontiguousarray(chunk, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(vectors.sum(axis=1)))
+    if bad.size:
+        raise StoreError(f"{name_row(position + int(bad[0]))} contains NaN or Inf")
+    return vectors
 
 
 def search_parameters(
@@ -274,6 +292,7 @@ class FaissIndex(CandidateIndex):
             total=eset.rows,
             progress=progress,
             desc=f"index {name}",
+            name_row=lambda row: f"{eset.root}: row {row}",
         )
         info = {
             "format": "quari-index",
@@ -327,8 +346,9 @@ class FaissIndex(CandidateIndex):
         for offset, chunk in self.eset.iter_chunks(self.config.batch_rows):
             if offset + chunk.shape[0] <= start:
                 continue
-            part = chunk[max(0, start - offset) :]
-            self.index.add(np.ascontiguousarray(part, dtype=np.float32))
+            first = max(0, start - offset)
+            part = _finite(chunk[first:], offset + first, lambda r: f"{self.eset.root}: row {r}")
+            self.index.add(part)
             bar.update(part.shape[0])
         bar.close()
         self._check_rows()

@@ -233,6 +233,7 @@ def _build_index(
         train_sample=train_sample,
         total=distinct.size,
         progress=progress,
+        name_row=lambda position: f"{eset.root}: row {int(distinct[position])}",
     )
 
 

@@ -141,13 +141,17 @@ class QuARITrainingModule(L.LightningModule):
         return quari_loss(adaptation, images, **kwargs)
 
     def _divergence_message(self, batch: dict[str, torch.Tensor], batch_idx: int) -> str:
-        rows = [
-            f"set {int(s)} row {int(r)}"
-            for s, r in zip(batch["source"][:4].tolist(), batch["row"][:4].tolist(), strict=True)
-        ]
+        # Name the pairs at fault by their set and row (not their place in the batch): the
+        # ones whose stored embeddings hold NaN/Inf, else the first few of the batch.
+        bad = torch.zeros(batch["row"].shape[0], dtype=torch.bool, device=batch["row"].device)
+        for key in ("query", "image"):
+            bad |= ~torch.isfinite(batch[key]).all(dim=-1)
+        picked = torch.nonzero(bad).flatten()[:4].tolist() or list(range(min(4, bad.numel())))
+        rows = [f"set {int(batch['source'][i])} row {int(batch['row'][i])}" for i in picked]
+        what = "pairs holding NaN/Inf embeddings" if bad.any() else "first pairs"
         return (
             f"non-finite training loss at global step {self.global_step} (epoch "
-            f"{self.current_epoch}, batch {batch_idx}; first pairs: {', '.join(rows)}); "
+            f"{self.current_epoch}, batch {batch_idx}; {what}: {', '.join(rows)}); "
             "training stopped — the last good checkpoint is kept under "
             f"{self.config.out / 'checkpoints'}. Lower the learning rate (--lr) or check the data."
         )
