@@ -124,6 +124,10 @@ class EmbeddingSet:
             encoder_info: Extra facts about the encoder (revision, preprocessing …).
         """
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise QuARIInputError(
+                f"{root}: exists and is not a folder; choose a folder for the set"
+            )
         if (root / MANIFEST).exists() or (root / "img_emb").exists():
             raise StoreError(f"{root}: already holds an embedding set; open it instead")
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:

@@ -63,6 +63,23 @@ class EmbedConfig:
     ray_address: str | None = None
     ray_num_cpus: int | None = None
 
+    def __post_init__(self) -> None:
+        checks = {
+            "rows_per_shard": (self.rows_per_shard, 1),
+            "batch_size": (self.batch_size, 1),
+            "workers": (self.workers, 0),
+            "max_pixels": (self.max_pixels, 1),
+            "ray_actors": (self.ray_actors, 1),
+            "ray_num_cpus": (self.ray_num_cpus, 1),
+        }
+        for name, (value, least) in checks.items():
+            if value is None and name in ("batch_size", "workers", "ray_num_cpus"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise QuARIInputError(f"{name} must be an integer ≥ {least}, got {value!r}")
+        if not isinstance(self.engine, str) or not self.engine:
+            raise QuARIInputError(f"engine must be a name, got {self.engine!r}")
+
     def resolved_workers(self) -> int:
         if self.workers is not None:
             return max(0, int(self.workers))

@@ -189,8 +189,6 @@ def embed(
     """
     t0 = time.perf_counter()
     config = config or EmbedConfig()
-    if config.rows_per_shard < 1 or (config.batch_size is not None and config.batch_size < 1):
-        raise QuARIInputError("rows_per_shard and batch_size must be at least 1")
     run = engine_for(config.engine)
     src = source if isinstance(source, Source) else open_source(source)
     if not src.items:

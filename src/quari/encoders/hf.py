@@ -79,8 +79,11 @@ class HFEncoder(TorchEncoder):
         try:
             model = AutoModel.from_pretrained(source)
             processor = AutoProcessor.from_pretrained(source)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EncoderError(f"hf:{name}: cannot load model and processor ({exc})") from exc
+        except Exception as exc:  # missing files, corrupt or refused pickles, bad configs …
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise EncoderError(
+                f"hf:{name}: cannot load model and processor ({type(exc).__name__}: {first})"
+            ) from None
         if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
             raise EncoderError(
                 f"hf:{name}: {type(model).__name__} is not an image–text dual encoder"

@@ -55,6 +55,11 @@ class TrainSource:
             try:
                 ratio = float(tail)
             except ValueError:
+                if not Path(text).exists() and Path(head).exists():
+                    raise QuARIInputError(
+                        f"--train {text}: {tail!r} is not a ratio (SET:RATIO takes a positive "
+                        f"number, e.g. {head}:0.5)"
+                    ) from None
                 return cls(Path(text))
             if not ratio > 0:
                 raise QuARIInputError(f"--train {text}: the ratio must be positive, got {tail}")

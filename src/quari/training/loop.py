@@ -33,10 +33,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from quari.checkpoint import load, save
+from quari.errors import CheckpointError, QuARIInputError, TrainingError
 from quari.fileio import atomic_write
 from quari.training.config import TrainConfig
 from quari.training.data import ResumableBatchSampler, ResumableLoader, TrainingData
-from quari.training.errors import TrainingError
 from quari.training.module import QuARITrainingModule, validation_metrics
 
 __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
@@ -218,19 +218,47 @@ def _strategy(config: TrainConfig) -> Any:
     return "auto"
 
 
+def _check_accelerator(config: TrainConfig) -> None:
+    """Refuses, before any work, an accelerator this machine does not have."""
+    want = config.accelerator
+    if want in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise QuARIInputError(
+            f"--accelerator {want}: no CUDA device on this machine; use --accelerator cpu (or auto)"
+        )
+    if want == "mps" and not torch.backends.mps.is_available():
+        raise QuARIInputError("--accelerator mps: MPS is not available on this machine")
+    if want not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise QuARIInputError(f"--accelerator {want!r}: use auto, cpu, gpu or mps")
+
+
 def _check_run_folder(config: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: a fresh run); refuses to clobber a run."""
+    """The checkpoint to resume from (None: a fresh run); refuses to clobber a run.
+
+    A folder whose run stopped before its first checkpoint (a failed start) holds nothing to
+    keep: it is started again rather than refused.
+    """
     last = config.out / CHECKPOINTS / LAST
     saved = config.out / "train_config.json"
     if not resume:
-        if last.exists() or saved.exists():
+        if last.exists():
             raise TrainingError(
                 f"{config.out}: already holds a training run; resume it (--resume) or choose "
                 "another --out"
             )
         return None
     if not last.is_file():
-        raise TrainingError(f"{last}: no checkpoint to resume from")
+        started = " (the run there stopped before its first checkpoint)" if saved.exists() else ""
+        raise TrainingError(
+            f"{last}: no checkpoint to resume from{started}; start the run without --resume"
+        )
+    try:  # the same safe reader Lightning uses below, so a bad file is named, not traced
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"{last}: not a readable checkpoint ({type(exc).__name__}: {first[:200]}); it is "
+            "corrupt or not a plain checkpoint — start a new run in another --out"
+        ) from None
     if saved.is_file():
         before = json.loads(saved.read_text())
         now = config.to_dict()
@@ -292,6 +320,7 @@ def train(
         >>> result = train(cfg)  # doctest: +SKIP
         >>> result.metrics["val/recall@1"]  # doctest: +SKIP
     """
+    _check_accelerator(config)
     ckpt = _check_run_folder(config, resume)
     data = TrainingData.from_config(config, progress=config.progress)
     queries, gallery, target = data.val_vectors()
