@@ -405,3 +405,26 @@ def test_random_filter_strings(ws, text):
     eset = EmbeddingSet.open(tmp / "set")
     with contextlib.suppress(QuARIError):
         eset.select(parse_where(text))
+
+
+def test_a_model_file_linked_from_outside_its_folder_is_refused(tmp_path):
+    save(QuARIModel(tiny_config()).eval(), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.rename(tmp_path / "elsewhere.safetensors")
+    weights.symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(QuARIError, match="outside"):
+        load_model(tmp_path / "m")
+
+
+def test_a_divergence_names_the_bad_pairs_by_set_row(tmp_path):
+    from quari.training import TrainConfig, TrainSource
+    from quari.training.module import QuARITrainingModule
+
+    config = TrainConfig(train=(TrainSource(tmp_path / "pairs"),), out=tmp_path / "run")
+    module = QuARITrainingModule(tiny_config().to_dict(), config.to_dict())
+    query = torch.randn(6, 24)
+    query[4, 2] = float("nan")
+    batch = {"query": query, "image": torch.randn(6, 24), "row": torch.arange(100, 106),
+             "source": torch.tensor([0, 0, 1, 1, 1, 1])}  # fmt: skip
+    message = module._divergence_message(batch, batch_idx=3)
+    assert "pairs holding NaN/Inf embeddings: set 1 row 104" in message

@@ -34,7 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from quari import __version__
 from quari.errors import CheckpointError, NotFoundError, QuARIInputError, missing_extra
-from quari.fileio import atomic_write, read_json
+from quari.fileio import atomic_write, inside, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
 
 __all__ = ["CheckpointError", "load", "load_model", "load_reference", "save"]
@@ -116,7 +116,9 @@ def load(folder: str | os.PathLike[str], *, map_location: str | torch.device = "
             unknown config fields, or weights whose keys or shapes do not fit the config.
     """
     folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+    config_path, weights_path = (
+        inside(folder, name, error=CheckpointError) for name in ("config.json", "model.safetensors")
+    )
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(
@@ -165,7 +167,11 @@ def load_reference(folder: str | os.PathLike[str]) -> QuARIModel:
         >>> model = load_reference("tests/fixtures/official-small")  # doctest: +SKIP
     """
     folder = Path(folder)
-    found = [(folder / c, folder / w) for c, w in _REFERENCE_FILES if (folder / c).is_file()]
+    found = [
+        (inside(folder, c, error=CheckpointError), inside(folder, w, error=CheckpointError))
+        for c, w in _REFERENCE_FILES
+        if (folder / c).is_file()
+    ]
     config_path, weights_path = (
         found[0] if found else (folder / "config.yml", folder / "weights.pt")
     )
