@@ -228,8 +228,10 @@ def test_wrong_media_type_and_method(client):
     r = post_raw(client, b"text=a", "application/x-www-form-urlencoded")
     assert "send JSON or multipart" in error_of(r, 415)
     assert "no content type" in error_of(client.post("/search", content=b"{}"), 415)
-    assert error_of(client.get("/search"), 405)
-    assert error_of(client.get("/no/such/page"), 404)
+    assert error_of(client.get("/search"), 405) == "GET is not allowed on '/search'"
+    assert (
+        error_of(client.get("/no/such/page"), 404) == "no endpoint at '/no/such/page' (see /docs)"
+    )
 
 
 def test_a_5xx_never_shows_a_traceback(served, monkeypatch, caplog):

@@ -174,6 +174,25 @@ def test_an_exception_reaches_only_its_item_and_a_crash_reaches_all():
     assert [type(r) for r in asyncio.run(go_crash())] == [MemoryError, MemoryError]
 
 
+def test_a_broken_batch_function_fails_its_items_and_the_worker_lives_on():
+    calls = []
+
+    def wrong_length(items):
+        calls.append(len(items))
+        return [] if len(calls) == 1 else items
+
+    batcher = MicroBatcher(wrong_length, window_s=0.0, max_batch=1)
+
+    async def go():
+        with pytest.raises(RuntimeError, match="0 results for 1 items"):
+            await batcher.submit("a")
+        after = await batcher.submit("b")
+        await batcher.close()
+        return after.value
+
+    assert asyncio.run(go()) == "b"
+
+
 def test_close_drains_the_queue_then_refuses():
     seen = []
 

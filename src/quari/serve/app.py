@@ -153,9 +153,13 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kinds = {404: "not found", 405: "method not allowed", 415: "unsupported media type"}
-        reply = error_response(
-            exc.status_code, kinds.get(exc.status_code, "bad request"), str(exc.detail)
-        )
+        message = str(exc.detail)
+        path = request.url.path[:200]
+        if exc.status_code == 404 and message == "Not Found":  # the router's: no such route
+            message = f"no endpoint at {path!r} (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {path!r}"
+        reply = error_response(exc.status_code, kinds.get(exc.status_code, "bad request"), message)
         reply.headers.update(exc.headers or {})
         return reply
 

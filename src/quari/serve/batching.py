@@ -261,8 +261,9 @@ class MicroBatcher(Generic[Q, R]):
 
     def _ensure_started(self) -> asyncio.Queue[_Job[Q] | None]:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._queue is None:
-            # First use, or a new event loop (the old loop's task died with it).
+        if self._loop is not loop or self._queue is None or self._task is None or self._task.done():
+            # First use, a new event loop (the old loop's task died with it), or a worker
+            # loop that ended by surprise: never leave requests waiting on nothing.
             self._loop, self._queue = loop, asyncio.Queue()
             self._task = loop.create_task(self._serve(self._queue), name="quari-batcher")
         return self._queue
@@ -319,10 +320,12 @@ class MicroBatcher(Generic[Q, R]):
             if not batch:
                 continue
             started = time.perf_counter()
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
             try:
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
                 results = await self.call(lambda b=batch: self.run([j.item for j in b]))
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} items")
             except Exception as exc:  # the batch function itself failed: every item fails
                 results = [exc] * len(batch)
             for job, res in zip(batch, results, strict=True):
