@@ -8,7 +8,7 @@ import torch
 
 from quari import Adaptation, QuARIInputError, QuARIModel
 from quari.index import CandidateIndex
-from quari.retriever import Retriever
+from quari.retriever import Retriever, take_queries
 
 from helpers import assert_topk_matches, dense_scores, make_set, score_tolerance, tiny_config
 
@@ -130,6 +130,27 @@ def test_a_filter_passed_by_fewer_than_k_rows(setup):
     assert (res.ids[:, 3:] == -1).all() and np.isneginf(res.scores[:, 3:]).all()
     assert any("only 3 rows pass the filter" in n for n in res.notes)
     assert res.to_records()[0][0]["name"] in {"item-1", "item-9", "item-700"}
+
+
+@pytest.mark.parametrize("mode", ["plain", "rerank", "adaptive", "scan"])
+def test_adapt_then_retrieve_equals_search(setup, mode):
+    """The split the HTTP service batches with: one adapt call for several queries, each part
+    retrieved on its own, answers as search does."""
+    eset, _, _, model, index, q = setup
+    r = Retriever(eset, model, index, exact_below=0)
+    ad = r.adapt(q, mode)
+    assert len(ad) == len(q)
+    rows = [3, 0]
+    where = "group != 1"
+    part = r.retrieve(
+        q[rows], k, adaptation=take_queries(ad, rows), mode=mode, candidates=K, where=where
+    )
+    want = r.search(q[rows], k, mode=mode, candidates=K, where=where)
+    np.testing.assert_array_equal(part.ids, want.ids)
+    np.testing.assert_allclose(part.scores, want.scores, atol=1e-6)
+    assert part.notes == want.notes and part.timings["adapt"] == 0.0
+    with pytest.raises(QuARIInputError, match="2 queries adapted, 5 queries given"):
+        r.retrieve(q, k, adaptation=take_queries(ad, rows), mode=mode)
 
 
 def test_query_batches_do_not_change_results(setup):

@@ -36,7 +36,7 @@ from quari.index import CandidateIndex
 from quari.store import EmbeddingSet
 from quari.validation import as_embeddings, check_device, check_k
 
-__all__ = ["MODES", "STAGES", "Retriever", "SearchResult"]
+__all__ = ["MODES", "STAGES", "Retriever", "SearchResult", "take_queries"]
 
 Mode = Literal["plain", "rerank", "adaptive", "scan"]
 MODES: tuple[str, ...] = ("plain", "rerank", "adaptive", "scan")
@@ -210,13 +210,8 @@ class Retriever:
             A :class:`SearchResult` with per-stage timings; ``ids``/``scores`` have
             min(k, rows) columns.
         """
-        # Both are clamped to the rows that exist: memory follows the work, not the number typed.
-        rows = max(1, self.eset.rows)
-        k, candidates = min(check_k(k), rows), min(check_k(candidates, "candidates"), rows)
-        if mode not in MODES:
-            raise QuARIInputError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode != "plain" and self.model is None:
-            raise QuARIInputError(f"mode {mode!r} needs a QuARI model")
+        check_k(k), check_k(candidates, "candidates")
+        self._check_mode(mode)
         given = sum(x is not None for x in (queries, texts, images))
         if given != 1:
             raise QuARIInputError("give exactly one of queries (embeddings), texts and images")
@@ -225,7 +220,74 @@ class Retriever:
         if queries is None:
             queries = self.encode(texts=texts, images=images)
         timings["encode"] = time.perf_counter() - t0
+        return self.retrieve(
+            queries,
+            k,
+            mode=mode,
+            candidates=candidates,
+            where=where,
+            with_metadata=with_metadata,
+            timings=timings,
+        )
+
+    def adapt(self, queries: Any, mode: Mode = "adaptive") -> Adaptation:
+        """Adapts query embeddings for ``mode``: through the QuARI model, or the cosine
+        baseline for ``plain``. With :meth:`retrieve` this splits :meth:`search` so that a
+        caller (the HTTP service's micro-batcher) can adapt many queries in one forward pass.
+
+        Args:
+            queries: (B, E) query embeddings (normalised here).
+            mode: The search mode the adaptation is for.
+
+        Returns:
+            The queries' :class:`~quari.adaptation.Adaptation`, on the retriever's device.
+
+        Example:
+            >>> ad = r.adapt(q, "adaptive")  # doctest: +SKIP
+            >>> r.retrieve(q, 10, adaptation=ad, mode="adaptive")  # doctest: +SKIP
+        """
+        self._check_mode(mode)
         q = as_embeddings(queries, self.eset.dim, "queries", normalize=True)
+        return self._adapt(q, mode, dict.fromkeys(STAGES, 0.0))
+
+    def retrieve(
+        self,
+        queries: Any,
+        k: int = 10,
+        *,
+        adaptation: Adaptation | None = None,
+        mode: Mode = "adaptive",
+        candidates: int = 1000,
+        where: str | pc.Expression | None = None,
+        with_metadata: bool = True,
+        timings: dict[str, float] | None = None,
+    ) -> SearchResult:
+        """:meth:`search` for query embeddings, optionally already adapted (:meth:`adapt`).
+
+        Args:
+            queries: (B, E) query embeddings (the index's candidate stage searches with them).
+            k: Results per query.
+            adaptation: The queries' adaptation for ``mode`` (row b adapts query b); None
+                adapts them here.
+            mode: As in :meth:`search`.
+            candidates: As in :meth:`search`.
+            where: As in :meth:`search`.
+            with_metadata: As in :meth:`search`.
+            timings: Stage times to add to (the caller's ``encode`` and ``adapt``, say).
+
+        Returns:
+            A :class:`SearchResult`, equal to :meth:`search` on the same queries.
+        """
+        # Both are clamped to the rows that exist: memory follows the work, not the number typed.
+        rows = max(1, self.eset.rows)
+        k, candidates = min(check_k(k), rows), min(check_k(candidates, "candidates"), rows)
+        self._check_mode(mode)
+        timings = {**dict.fromkeys(STAGES, 0.0), **(timings or {})}
+        q = as_embeddings(queries, self.eset.dim, "queries", normalize=True)
+        if adaptation is not None and len(adaptation) != q.shape[0]:
+            raise QuARIInputError(
+                f"adaptation: {len(adaptation)} queries adapted, {q.shape[0]} queries given"
+            )
         notes: list[str] = []
         selection = None
         if where is not None:
@@ -250,7 +312,11 @@ class Retriever:
         ids, scores = [], []
         for start in range(0, q.shape[0], self.batch_size):
             batch = q[start : start + self.batch_size]
-            ad = self._adapt(batch, mode, timings)
+            ad = (
+                self._adapt(batch, mode, timings)
+                if adaptation is None
+                else take_queries(adaptation, slice(start, start + self.batch_size))
+            )
             if exact:
                 top_ids, top_scores = self._exact(ad, k, selection, timings)
             else:
@@ -262,7 +328,7 @@ class Retriever:
                     # limits) although enough rows pass: answer those exactly instead.
                     short = np.flatnonzero((top_ids >= 0).sum(1) < min(k, selection.size))
                     if short.size:
-                        sub = self._adapt(batch[torch.from_numpy(short)], mode, timings)
+                        sub = take_queries(ad, torch.from_numpy(short))
                         top_ids[short], top_scores[short] = self._exact(sub, k, selection, timings)
             ids.append(top_ids)
             scores.append(top_scores)
@@ -279,6 +345,12 @@ class Retriever:
         return result
 
     # -- internals -----------------------------------------------------------------------------
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise QuARIInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "plain" and self.model is None:
+            raise QuARIInputError(f"mode {mode!r} needs a QuARI model")
+
     def _adapt(self, batch: torch.Tensor, mode: str, timings: dict[str, float]) -> Adaptation:
         t0 = time.perf_counter()
         adapter = self.baseline if mode == "plain" else self.model
@@ -390,6 +462,32 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     current = torch.cuda.current_device()
     return (a.index if a.index is not None else current) == (
         b.index if b.index is not None else current
+    )
+
+
+def take_queries(ad: Adaptation, rows: slice | Sequence[int] | torch.Tensor) -> Adaptation:
+    """The adaptations of some of a batch's queries, values unchanged — to hand each part of
+    one :meth:`Retriever.adapt` call to its own :meth:`Retriever.retrieve`.
+
+    Args:
+        ad: The batch's adaptation.
+        rows: The queries to keep (a slice, or their positions in the batch).
+
+    Returns:
+        An :class:`~quari.adaptation.Adaptation` of those queries, in that order.
+
+    Example:
+        >>> take_queries(Adaptation.random(4, 8, 2), [3, 0]).refined_query.shape
+        torch.Size([2, 8])
+    """
+    index = rows if isinstance(rows, slice) else torch.as_tensor(rows, device=ad.device)
+    return Adaptation(
+        ad.refined_query[index],
+        ad.U[index],
+        ad.V[index],
+        ad.variant,
+        ad.anchor_scale,
+        normalized=True,
     )
 
 
