@@ -22,13 +22,14 @@ SIZES = {a.name: len(a.values) for a in ATTRIBUTES}
 
 
 def garments(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Noisy rectangles of random size, brightness and stripes on black, 10 classes."""
+    """Noisy rectangles (a corner cut out) of random size, brightness and stripes on black."""
     rng = np.random.default_rng(seed)
     x = np.zeros((n, 28, 28), np.uint8)
     for i in range(n):
         h, w = rng.integers(6, 27, 2)
         top, left = rng.integers(0, 28 - h + 1), rng.integers(0, 28 - w + 1)
         patch = rng.integers(40, 230) + rng.uniform(-20, 20, (h, w))  # no tied scores
+        patch[: rng.integers(0, h // 2 + 1), : rng.integers(0, w // 2 + 1)] = 0  # a gap
         if rng.random() < 0.5:
             patch[:: rng.integers(2, 4)] *= rng.uniform(0.3, 0.8)  # stripes
         x[i, top : top + h, left : left + w] = patch
@@ -40,15 +41,17 @@ def garments(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_scores_measure_what_they_say():
     x = np.zeros((4, 28, 28), np.uint8)
-    x[0, 4:24, 10:18] = 60  # dark, narrow, tall, plain, symmetric
+    x[0, 4:24, 10:18] = 60  # dark, narrow, plain, symmetric, boxy
     x[1, 4:24, 10:18] = 220  # the same, light
-    x[2, 10:18, 2:26] = 220  # wide and squat
+    x[2, 4:24, 10:18] = 220  # a T shape: a box with sleeves
+    x[2, 4:9, 2:26] = 220
     x[3, 4:24, 4:14] = 220  # off-centre: asymmetric
     x[3, 4:24:2, 4:14] = 90  # and striped
     s = measure(x)
     assert s["tone"][0] == pytest.approx(60) and s["tone"][1] == pytest.approx(220)
     assert s["coverage"][0] == pytest.approx(20 * 8 / 784)
-    assert s["elongation"][0] > 1 > s["elongation"][2]
+    assert s["silhouette"][0] == pytest.approx(1.0)
+    assert s["silhouette"][2] == pytest.approx((20 * 8 + 5 * 16) / (20 * 24))
     assert s["symmetry"][1] == pytest.approx(0, abs=1e-6)
     assert s["symmetry"][3] > 0.5
     assert s["texture"][1] == pytest.approx(0, abs=1e-6)

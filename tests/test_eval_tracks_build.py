@@ -51,6 +51,8 @@ def fake_fashion_mnist(n_train: int = 300, n_test: int = 100, seed: int = 0) -> 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """One build shared by the tests marked slow (~10-15 s on 2 shared cores, model loads
+    included)."""
     out = tmp_path_factory.mktemp("tracks") / "fm"
     data = fake_fashion_mnist()
     info = build_fashion_tracks(out, size=SIZES, seed=3, data=data, progress=False)
@@ -62,6 +64,7 @@ def open_set(path: Path) -> tuple[EmbeddingSet, dict]:
     return eset, eset.metadata(np.arange(eset.rows)).to_pydict()
 
 
+@pytest.mark.slow
 def test_the_layout_is_exactly_the_contract(built):
     out, _, info = built
     assert sorted(os.listdir(out)) == ["cache", "head", "i2i", "images", "t2i", "track.json",
@@ -84,6 +87,7 @@ def test_the_layout_is_exactly_the_contract(built):
     )
 
 
+@pytest.mark.slow
 def test_sets_open_with_the_heads_encoder_id_and_serve_their_own_images(built):
     from quari.embed.images import load_image
     from quari.encoders import load_encoder
@@ -125,6 +129,7 @@ def test_sets_open_with_the_heads_encoder_id_and_serve_their_own_images(built):
     assert {a.name for a in ATTRIBUTES} <= cols
 
 
+@pytest.mark.slow
 def test_query_files_follow_the_custom_query_format(built):
     from quari.embed.images import load_image
     from quari.encoders import load_encoder
@@ -152,6 +157,7 @@ def test_query_files_follow_the_custom_query_format(built):
                 np.testing.assert_allclose(emb[:5], enc.encode_images(images), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_judgements_are_exactly_right(built):
     out, data, _ = built
     plan = plan_tracks(data, SIZES, seed=3)
@@ -202,6 +208,7 @@ def test_thresholds_depend_on_the_train_images_only():
     assert not np.array_equal(plan.thresholds.cuts["tone"], moved.thresholds.cuts["tone"])
 
 
+@pytest.mark.slow
 def test_a_rerun_reuses_finished_steps(built, monkeypatch):
     out, data, info = built
     again = build_fashion_tracks(out, size=SIZES, seed=3, data=data, progress=False)

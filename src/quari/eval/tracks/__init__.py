@@ -5,7 +5,7 @@ val from Fashion-MNIST's training split, test from its test split; nothing is fi
 test):
 
 * **text→image, fine-grained** (``t2i``): a query names a class and 1-3 attributes measured
-  from the pixels (tone, coverage, texture, symmetry, elongation — :mod:`.attributes`), worded
+  from the pixels (tone, coverage, texture, symmetry, silhouette — :mod:`.attributes`), worded
   differently at training, validation and test time (:mod:`.templates`); the relevant images
   are those of that class whose every stated attribute matches.
 * **image→image, instance-level** (``i2i``, like ILIAS): a query is a transformed view (crop,
@@ -23,7 +23,7 @@ Output layout (a contract other modules read)::
                                          training captions (one row per caption, the image row
                                          repeated); metadata: item, split, source, label,
                                          class_name, tone, coverage, texture, symmetry,
-                                         elongation, caption, path
+                                         silhouette, caption, path
     <out>/{t2i,i2i}/{val,test}/gallery/  EmbeddingSet per track and split; metadata: item,
                                          (view: i2i), split, source, label, class_name, the
                                          attributes, path

@@ -199,7 +199,7 @@ def build_fashion_tracks(
     feats = {s: cache.images(s, plan.pixels[s]) for s in SPLITS}
     view_feats = {s: cache.images(f"i2i-{s}", v) for s, v in plan.view_pixels.items()}
     cap_emb = cache.texts("captions", plan.captions)
-    query_emb = {s: cache.texts(f"t2i-{s}", t) for s, t in plan.query_texts.items()}
+    query_emb = {s: cache.texts(f"t2i-{s}", texts) for s, texts in plan.query_texts.items()}
     times["encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -410,7 +410,7 @@ def _reuse(out: Path, key: str) -> dict[str, Any] | None:
             if info.get("build_key") == key:
                 return info
         return None
-    if any(out.iterdir()):
+    if any(p.name != "cache" for p in out.iterdir()):  # a bare cache/ is seeded encoder output
         raise DataError(
             f"{out}: not empty and not a track folder (holds {sorted(os.listdir(out))[:5]}); "
             "build into a new folder"

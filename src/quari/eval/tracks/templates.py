@@ -73,7 +73,7 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {
             "coverage": ("slim", "regular", "wide"),
             "texture": ("plain", "patterned"),
             "symmetry": ("symmetric", "asymmetric"),
-            "elongation": ("squat", "tall"),
+            "silhouette": ("open", "boxy"),
         },
     ),
     "val": TemplateSet(
@@ -88,7 +88,7 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {
             "coverage": ("narrow", "medium-width", "broad"),
             "texture": ("solid", "textured"),
             "symmetry": ("balanced", "lopsided"),
-            "elongation": ("short", "long"),
+            "silhouette": ("spread-out", "blocky"),
         },
     ),
     "test": TemplateSet(
@@ -103,7 +103,7 @@ TEMPLATE_SETS: dict[str, TemplateSet] = {
             "coverage": ("thin", "average-width", "bulky"),
             "texture": ("smooth", "detailed"),
             "symmetry": ("even", "uneven"),
-            "elongation": ("compact", "elongated"),
+            "silhouette": ("open-cut", "compact"),
         },
     ),
 }
