@@ -59,6 +59,14 @@ def built(tmp_path_factory):
     return out, data, info
 
 
+@pytest.fixture(scope="module")
+def encoder(built):
+    """The encoder of the built head, loaded once."""
+    from quari.encoders import load_encoder
+
+    return load_encoder(f"offline:{built[0] / 'head'}")
+
+
 def open_set(path: Path) -> tuple[EmbeddingSet, dict]:
     eset = EmbeddingSet.open(path)
     return eset, eset.metadata(np.arange(eset.rows)).to_pydict()
@@ -88,12 +96,11 @@ def test_the_layout_is_exactly_the_contract(built):
 
 
 @pytest.mark.slow
-def test_sets_open_with_the_heads_encoder_id_and_serve_their_own_images(built):
+def test_sets_open_with_the_heads_encoder_id_and_serve_their_own_images(built, encoder):
     from quari.embed.images import load_image
-    from quari.encoders import load_encoder
 
     out, data, info = built
-    enc = load_encoder(f"offline:{out / 'head'}")
+    enc = encoder
     assert enc.id == info["encoder"] and enc.id.startswith("offline:effnet-lite0-32px")
     sets = [out / "train"] + [
         out / t / s / "gallery" for t in ("t2i", "i2i") for s in ("val", "test")
@@ -130,12 +137,11 @@ def test_sets_open_with_the_heads_encoder_id_and_serve_their_own_images(built):
 
 
 @pytest.mark.slow
-def test_query_files_follow_the_custom_query_format(built):
+def test_query_files_follow_the_custom_query_format(built, encoder):
     from quari.embed.images import load_image
-    from quari.encoders import load_encoder
 
     out, _, _ = built
-    enc = load_encoder(f"offline:{out / 'head'}")
+    enc = encoder
     for track in ("t2i", "i2i"):
         for split in ("val", "test"):
             folder = out / track / split
