@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -125,9 +126,11 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="quari-tracks-")
         args.out = Path(tmp.name) / args.size
 
+    load_before = os.getloadavg()
     t = time.perf_counter()
     info = build_fashion_tracks(args.out, size=args.size, seed=args.seed)
     first = time.perf_counter() - t
+    load_after = os.getloadavg()
     t = time.perf_counter()
     build_fashion_tracks(args.out, size=args.size, seed=args.seed, progress=False)
     rerun = time.perf_counter() - t
@@ -168,6 +171,7 @@ def main() -> None:
     report = {
         "machine": machine(),
         "note": "shared 2-core machine; other jobs may have run at the same time",
+        "load_average_1_5_15min": {"before_build": load_before, "after_build": load_after},
         "size": args.size,
         "seed": args.seed,
         "encoder": info["encoder"],
