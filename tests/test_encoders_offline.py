@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -12,7 +13,14 @@ from typer.testing import CliRunner
 
 from quari.cli import app
 from quari.encoders import EncoderError, load_encoder
-from quari.encoders.offline import fit_ridge
+from quari.encoders.offline import (
+    FEATURE_DIM,
+    TEXT_DIM,
+    OfflineHead,
+    fit_ridge,
+    offline_encoder_id,
+)
+from quari.errors import QuARIInputError
 from quari.store import EmbeddingSet
 
 pytest.importorskip("efficientnet_lite_pytorch")
@@ -185,3 +193,27 @@ def test_ridge_leave_one_out_matches_brute_force():
     grid = np.logspace(-3, 2, 11) * np.mean(np.linalg.svd(Xs, compute_uv=False) ** 2)
     assert best == pytest.approx(min(fit_ridge(X, Y, alpha=g)[5] for g in grid))
     assert np.isclose(grid, chosen, rtol=1e-9).any()
+
+
+def test_head_fit_project_and_id_without_loading_a_model(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((40, FEATURE_DIM)).astype(np.float32) * 3 + 1
+    targets = rng.standard_normal((40, TEXT_DIM))
+    head = OfflineHead.fit(feats, targets, resolution=64, alpha=5.0, note="random")
+    want_w = fit_ridge(feats, targets, alpha=5.0)[2]
+    np.testing.assert_allclose(head.weight, want_w)
+    assert (head.rows, head.resolution, head.alpha) == (40, 64, 5.0)
+    head.save(tmp_path / "h")
+    saved = OfflineHead.load(tmp_path / "h")
+    got = saved.project(feats[:5])
+    # the definition: ((f − mean) / scale) @ weight + bias, L2-normalised
+    ref = ((feats[:5] - saved.mean) / saved.scale) @ saved.weight + saved.bias
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert got.dtype == np.float32 and got.shape == (5, TEXT_DIM)
+    digest = hashlib.sha256((tmp_path / "h" / "head.safetensors").read_bytes()).hexdigest()
+    assert offline_encoder_id(tmp_path / "h") == (
+        f"offline:effnet-lite0-64px+minilm-l6-v2/head-{digest[:12]}"
+    )
+    with pytest.raises(QuARIInputError, match=r"\(N, 1280\)"):
+        saved.project(feats[:, :10])

@@ -26,7 +26,6 @@ assets it kept nearly all of 224 px's retrieval quality at several times the spe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -41,7 +40,7 @@ from safetensors.numpy import load_file, save
 from quari import __version__
 from quari.encoders import EncoderConfig, EncoderError, TorchEncoder, collate, torch_threads
 from quari.errors import QuARIInputError, missing_extra
-from quari.fileio import atomic_write
+from quari.fileio import atomic_write, sha256_file
 
 __all__ = [
     "EffNetPreprocessor",
@@ -53,6 +52,7 @@ __all__ = [
     "fit_offline_head_from",
     "fit_ridge",
     "image_features",
+    "offline_encoder_id",
 ]
 
 HEAD_CONFIG = "config.json"
@@ -191,6 +191,71 @@ class OfflineHead:
             "quari_version": __version__,
         }
 
+    @classmethod
+    def fit(
+        cls,
+        features: np.ndarray,
+        targets: np.ndarray,
+        *,
+        resolution: int,
+        alpha: float | None = None,
+        note: str = "",
+    ) -> OfflineHead:
+        """Fits the head by ridge regression (:func:`fit_ridge`) from image features to
+        caption embeddings.
+
+        Args:
+            features: (n, 1280) EfficientNet features (:func:`image_features`), computed at
+                ``resolution``.
+            targets: (n, 384) caption embeddings, one row per feature row (repeat an image's
+                features for several captions, or give the mean of its caption embeddings).
+            resolution: The image size the features were computed at (recorded in the head).
+            alpha: Ridge penalty; ``None`` chooses by leave-one-out error.
+            note: Description of the fitting data, kept in the head's config.
+
+        Returns:
+            The fitted head (not saved; call :meth:`save`).
+
+        Example:
+            >>> head = OfflineHead.fit(feats, caps, resolution=112)  # doctest: +SKIP
+            >>> head.project(feats).shape  # doctest: +SKIP
+            (n, 384)
+        """
+        mean, scale, weight, bias, lam, loo = fit_ridge(features, targets, alpha)
+        return cls(mean, scale, weight, bias, int(resolution), lam, len(features), loo, note)
+
+    def linear(self) -> tuple[np.ndarray, np.ndarray]:
+        """The head as one affine map on raw features: ``f @ w + b`` (float32).
+
+        The standardisation is folded in: ``w = weight / scale[:, None]`` and
+        ``b = bias − (mean / scale) @ weight``.
+        """
+        w = (self.weight / self.scale[:, None]).astype(np.float32)
+        b = (self.bias - (self.mean / self.scale) @ self.weight).astype(np.float32)
+        return w, b
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """Raw image features → embeddings in the text space, exactly as
+        :class:`OfflineEncoder` makes them from images.
+
+        Args:
+            features: (N, 1280) features from :func:`image_features` at this head's resolution.
+
+        Returns:
+            (N, 384) float32, L2-normalised.
+
+        Raises:
+            QuARIInputError: the features are not (N, 1280).
+        """
+        feats = np.asarray(features, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != FEATURE_DIM:
+            raise QuARIInputError(
+                f"project: features must be (N, {FEATURE_DIM}), got shape {feats.shape}"
+            )
+        w, b = self.linear()
+        out = torch.from_numpy(feats) @ torch.from_numpy(w) + torch.from_numpy(b)
+        return torch.nn.functional.normalize(out, dim=-1).numpy().astype(np.float32)
+
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Writes ``config.json`` and ``head.safetensors`` (each atomically)."""
         folder = Path(folder)
@@ -323,8 +388,7 @@ def _fit(
 ) -> OfflineHead:
     with torch_threads(towers.config.threads):
         targets = towers.text_embeddings([str(c) for c in captions]).float().cpu().numpy()
-    mean, scale, weight, bias, lam, loo = fit_ridge(features, targets, alpha)
-    head = OfflineHead(mean, scale, weight, bias, towers.resolution, lam, len(captions), loo, note)
+    head = OfflineHead.fit(features, targets, resolution=towers.resolution, alpha=alpha, note=note)
     if out is not None:
         head.save(out)
     return head
@@ -392,6 +456,24 @@ def image_features(towers: OfflineTowers, images: Sequence[Any]) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
 
+def _encoder_id(resolution: int, head_sha256: str) -> str:
+    return f"offline:effnet-lite0-{resolution}px+minilm-l6-v2/head-{head_sha256[:12]}"
+
+
+def offline_encoder_id(folder: str | os.PathLike[str]) -> str:
+    """The id :class:`OfflineEncoder` reports for the head saved in ``folder``, without
+    loading any model — what an embedding set made with that head records as its encoder.
+
+    Example:
+        >>> enc_id = offline_encoder_id("heads/mine")  # doctest: +SKIP
+        >>> enc_id == load_encoder("offline:heads/mine").id  # doctest: +SKIP
+        True
+    """
+    folder = Path(folder).expanduser()
+    head = OfflineHead.load(folder)
+    return _encoder_id(head.resolution, sha256_file(folder / HEAD_WEIGHTS))
+
+
 class OfflineEncoder(TorchEncoder):
     """EfficientNet-Lite0 → fitted linear head → the all-MiniLM-L6-v2 space (384-d). Not CLIP.
 
@@ -409,8 +491,8 @@ class OfflineEncoder(TorchEncoder):
         self.towers = OfflineTowers(self.head.resolution, self.config)
         self.preprocessor = self.towers.preprocessor
         self.dim = TEXT_DIM
-        digest = hashlib.sha256((folder / HEAD_WEIGHTS).read_bytes()).hexdigest()
-        self.id = f"offline:effnet-lite0-{self.head.resolution}px+minilm-l6-v2/head-{digest[:12]}"
+        digest = sha256_file(folder / HEAD_WEIGHTS)
+        self.id = _encoder_id(self.head.resolution, digest)
         self.info = {
             "not_clip": "EfficientNet-Lite0 features mapped by a fitted ridge head into "
             "all-MiniLM-L6-v2's text space",
@@ -418,9 +500,9 @@ class OfflineEncoder(TorchEncoder):
             "head_sha256": digest,
             **{k: v for k, v in self.head.config().items() if k != "format"},
         }
-        h = self.head
-        self._w = torch.from_numpy(h.weight / h.scale[:, None]).float().to(self.device)
-        self._b = torch.from_numpy(h.bias - (h.mean / h.scale) @ h.weight).float().to(self.device)
+        w, b = self.head.linear()  # the same map OfflineHead.project applies
+        self._w = torch.from_numpy(w).to(self.device)
+        self._b = torch.from_numpy(b).to(self.device)
 
     def _image_features(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         feats = self.towers.image_features(inputs["pixel_values"]).float()
