@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given
@@ -32,7 +34,7 @@ def test_ties_go_to_the_lower_id_whatever_the_blocks_and_their_order(n, k, level
     scores = rng.integers(0, levels, (3, n)).astype(np.float32)  # few levels: many ties
     ids = np.broadcast_to(rng.permutation(n * 2)[:n], (3, n)).copy()
     edges = sorted({0, n, *(c for c in cuts if c < n)})
-    blocks = list(zip(edges, edges[1:], strict=False))
+    blocks = list(itertools.pairwise(edges))
     rng.shuffle(blocks)
     best = RunningTopK(3, k, torch.device("cpu"))
     given_scores, given_ids = [], []
