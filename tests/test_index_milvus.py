@@ -296,6 +296,13 @@ def test_a_killed_build_resumes_and_ends_with_every_row_once(tmp_path):
     q = stored[[7, 2500]].astype(np.float32)
     assert index.search(q, 1)[1][:, 0].tolist() == [7, 2500]
     index.close()
+    # Another vector index over the same collection reuses its rows.
+    ivf = CandidateIndex.build(eset, spec, index_type="IVF_FLAT", index_params={"nlist": 8},
+                               search_params={"nprobe": 8}, progress=False)  # fmt: skip
+    assert ivf.info["build"] == {"rows_present": 3000, "rows_inserted": 0}
+    assert ivf.client.describe_index(ivf.collection, "vector")["index_type"] == "IVF_FLAT"
+    assert ivf.search(q, 1)[1][:, 0].tolist() == [7, 2500]
+    ivf.close()
 
 
 def test_collections_that_are_not_what_the_index_says_are_refused(tmp_path):
@@ -326,8 +333,20 @@ def test_collections_that_are_not_what_the_index_says_are_refused(tmp_path):
         b, f"milvus-lite:{db}/photos", index_type="FLAT", overwrite=True, progress=False
     )
     rebuilt.close()
+    with pytest.raises(StoreError, match=r"has the scalar fields \{\}, the index wants \{'group'"):
+        CandidateIndex.build(b, f"milvus-lite:{db}/photos", fields=["group"], progress=False)
     with pytest.raises(StaleIndexError, match="another set"):
         CandidateIndex.load(a)  # a's description, b's vectors
+    # another metric
+    client = MilvusClient(str(db))
+    client.release_collection("photos")
+    client.drop_index("photos", "vector")
+    params = client.prepare_index_params()
+    params.add_index(field_name="vector", index_type="FLAT", metric_type="COSINE")
+    client.create_index("photos", params)
+    client.close()
+    with pytest.raises(StoreError, match="ranks by COSINE, quari needs inner product"):
+        CandidateIndex.load(b)
     # another dimension
     (narrow.root / "index").mkdir()
     (narrow.root / "index" / "image.json").write_text((a.root / "index" / "image.json").read_text())

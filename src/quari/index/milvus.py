@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -47,6 +48,7 @@ from quari.index.milvus_client import (
     MAX_CANDIDATES,
     PRIMARY,
     VECTOR,
+    VECTOR_INDEX,
     MilvusConfig,
     collection_name,
     collection_properties,
@@ -190,7 +192,7 @@ class MilvusIndex(CandidateIndex):
                         "--overwrite`) to drop and rebuild it, or choose another collection"
                     )
                 else:
-                    self._check_dim()
+                    self._check_schema()
             properties = collection_properties(self.info["fingerprint"])
             if not exists:
                 self.client.create_collection(
@@ -199,9 +201,11 @@ class MilvusIndex(CandidateIndex):
                     properties=properties,
                     consistency_level="Bounded",
                 )
+                self._ensure_index()
                 return present
             # A build resumed: the collection now stands for the whole set, half-filled.
             self.client.alter_collection_properties(self.collection, properties)
+            self._ensure_index()
             held = stored_ids(self.client, self.collection, 0)
         present[held[held < self.eset.rows]] = True
         return present
@@ -234,20 +238,36 @@ class MilvusIndex(CandidateIndex):
             for i, row in enumerate(ids.tolist())
         ]
 
-    def _finish_build(self) -> None:
-        """Flushes, builds the vector index, loads the collection and checks the row count."""
+    def _ensure_index(self) -> None:
+        """Creates the vector index — again, when the collection has one of another type or
+        parameters (a rebuild with another index reuses the inserted rows) — and loads the
+        collection (a server searches and queries loaded collections only)."""
         pymilvus = pymilvus_module()
-        with self._calls("index build"):
+        wanted = json.dumps(
+            {"type": self.config.index_type, "params": self.config.index_params}, sort_keys=True
+        )
+        props = self.client.describe_collection(self.collection).get("properties") or {}
+        has_index = VECTOR in self.client.list_indexes(self.collection)
+        if has_index and props.get(VECTOR_INDEX) != wanted:
+            self.client.release_collection(self.collection)
+            self.client.drop_index(self.collection, VECTOR)
+            has_index = False
+        if not has_index:
+            params = pymilvus.MilvusClient.prepare_index_params()
+            params.add_index(
+                field_name=VECTOR,
+                index_type=self.config.index_type,
+                metric_type="IP",
+                params=dict(self.config.index_params),
+            )
+            self.client.create_index(self.collection, params)
+            self.client.alter_collection_properties(self.collection, {VECTOR_INDEX: wanted})
+        self.client.load_collection(self.collection)
+
+    def _finish_build(self) -> None:
+        """Flushes the inserts and checks the row count."""
+        with self._calls("flush"):
             self.client.flush(self.collection)
-            if VECTOR not in self.client.list_indexes(self.collection):
-                params = pymilvus.MilvusClient.prepare_index_params()
-                params.add_index(
-                    field_name=VECTOR,
-                    index_type=self.config.index_type,
-                    metric_type="IP",
-                    params=dict(self.config.index_params),
-                )
-                self.client.create_index(self.collection, params)
             self.client.load_collection(self.collection)
             self._rows = count_rows(self.client, self.collection)
         if self._rows != self.eset.rows:
@@ -282,7 +302,7 @@ class MilvusIndex(CandidateIndex):
                     f"with `quari index build --backend {self.spec}`"
                 )
             props = self._check_ours()
-            self._check_dim()
+            self._check_schema()
             metric = self.client.describe_index(self.collection, VECTOR).get("metric_type")
             if str(metric).upper() != "IP":
                 raise StoreError(
@@ -311,13 +331,23 @@ class MilvusIndex(CandidateIndex):
             )
         return props
 
-    def _check_dim(self) -> None:
+    def _check_schema(self) -> None:
+        """Refuses a collection whose vectors or scalar fields are not the index's."""
         described = self.client.describe_collection(self.collection)
-        vec = [f for f in described.get("fields", []) if f.get("name") == VECTOR]
-        dim = int(vec[0].get("params", {}).get("dim", -1)) if vec else -1
+        fields = {f.get("name"): f for f in described.get("fields", [])}
+        vec = fields.pop(VECTOR, None)
+        dim = int(vec.get("params", {}).get("dim", -1)) if vec else -1
         if dim != self.eset.dim:
             raise StoreError(
                 f"{self._where()} holds {dim}-d vectors, the set {self.eset.root} {self.eset.dim}-d"
+            )
+        fields.pop(PRIMARY, None)
+        scalars = {n: getattr(f.get("type"), "name", str(f.get("type"))) for n, f in fields.items()}
+        if scalars != self.info["fields"]:
+            raise StoreError(
+                f"{self._where()} has the scalar fields {scalars}, the index wants "
+                f"{self.info['fields']}; pass overwrite=True (`quari index build --overwrite`) "
+                "to rebuild it with these fields"
             )
 
     # -- state ----------------------------------------------------------------------------------

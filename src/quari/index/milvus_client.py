@@ -31,6 +31,7 @@ __all__ = [
     "MAX_CANDIDATES",
     "PRIMARY",
     "VECTOR",
+    "VECTOR_INDEX",
     "MilvusConfig",
     "collection_name",
     "collection_properties",
@@ -51,6 +52,8 @@ MAX_CANDIDATES = 16_384
 PRIMARY, VECTOR = "id", "vector"
 #: Collection property present only on collections quari created.
 MARK = "quari.created_by"
+#: Collection property: the vector index quari built (type and parameters, as JSON).
+VECTOR_INDEX = "quari.vector_index"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}\Z")
 _ARROW_TO_MILVUS = {
     pa.int8(): "INT8", pa.int16(): "INT16", pa.int32(): "INT32", pa.int64(): "INT64",
