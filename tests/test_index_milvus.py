@@ -251,7 +251,7 @@ def test_every_mode_and_filter_finds_what_faiss_finds(world, mode, where):
 
 
 def test_rescoring_from_the_collection_equals_rescoring_from_the_set(world):
-    eset, _, milvus, model = world
+    eset, faiss, milvus, model = world
     q = np.random.default_rng(8).standard_normal((3, 24)).astype(np.float32)
     from_set = Retriever(eset, model, milvus).search(q, 10, mode="adaptive")
     from_index = Retriever(eset, model, milvus, rescore_from="index").search(q, 10, mode="adaptive")
@@ -259,6 +259,10 @@ def test_rescoring_from_the_collection_equals_rescoring_from_the_set(world):
     np.testing.assert_array_equal(from_index.scores, from_set.scores)
     ids = np.array([5, 1400, 5])
     np.testing.assert_array_equal(milvus.fetch_vectors(ids), eset.gather(ids).astype(np.float32))
+    with pytest.raises(QuARIInputError, match="'faiss' index backend does not return stored"):
+        Retriever(eset, model, faiss, rescore_from="index").search(q, 10, mode="adaptive")
+    with pytest.raises(QuARIInputError, match="rescore_from must be 'set' or 'index'"):
+        Retriever(eset, model, None, rescore_from="index")
 
 
 # -- building, resuming, refusing ----------------------------------------------------------------
