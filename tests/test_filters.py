@@ -106,7 +106,10 @@ def test_the_tree_holds_what_was_written():
         (
             BoolOp(
                 "and",
-                (Compare("<", Literal(1), Field("width")), Compare("<", Field("width"), Literal(5))),
+                (
+                    Compare("<", Literal(1), Field("width")),
+                    Compare("<", Field("width"), Literal(5)),
+                ),
             ),
             Not(StringMatch("startswith", Field("image path"), "a")),
         ),
