@@ -76,6 +76,10 @@ def test_every_query_kind_with_known_answers(collection):
     assert result.groups["group"]["vector"]["ap@5"] == pytest.approx((ap["cats"] + 1) / 2)
     assert result.protocol == "custom" and result.primary_metric == "ap@5"
     assert result.timings["encode_s"] > 0  # the text and the image were encoded
+    first = ev.evaluate(None, encoder=encoder, max_queries=2)
+    assert first.per_query["query_id"] == ["birds", "cats"] and first.queries == 2
+    assert first.per_query["ap@5"] == result.per_query["ap@5"][:2]
+    assert "only the first 2 of 4 queries evaluated" in first.notes
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,9 @@ Candidates = Annotated[int, typer.Option(help="Index candidates per query (K).")
 Device = Annotated[str, typer.Option(help="Torch device for models and scoring.")]
 BatchSize = Annotated[int, typer.Option(help="Queries searched together.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars.")]
+MaxQueries = Annotated[
+    int | None, typer.Option(help="Evaluate only the first N queries (quick runs).")
+]
 Cache = Annotated[
     Path | None, typer.Option(help="Folder for imported galleries (default ~/.cache/quari/eval).")
 ]
@@ -104,6 +107,7 @@ class RunOptions:
     cache: Path | None
     quiet: bool
     out: Path | None
+    max_queries: int | None = None
 
 
 def _run(
@@ -147,6 +151,7 @@ def _run(
                         batch_size=batch_size,
                         device=device,
                         progress=not quiet,
+                        max_queries=options.max_queries,
                     )
                 )
     _print(results)
@@ -204,6 +209,7 @@ def inquire_fullrank(
     batch_size: BatchSize = 32,
     cache: Cache = None,
     quiet: Quiet = False,
+    max_queries: MaxQueries = None,
 ) -> None:
     """INQUIRE-Fullrank: text → whole iNat24 gallery, AP@50 (R = all annotated positives)."""
     enc = _encoder(encoder, device)
@@ -216,7 +222,7 @@ def inquire_fullrank(
     validation = make("val") if split == "test" else None
     if validation is not None and enc is not None:
         validation.queries(enc)
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out)
+    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
     _run([make(split)], model, mode, validation, enc, options)
 
 
@@ -241,6 +247,7 @@ def inquire_rerank(
     batch_size: BatchSize = 32,
     cache: Cache = None,
     quiet: Quiet = False,
+    max_queries: MaxQueries = None,
 ) -> None:
     """INQUIRE-Rerank: re-order each query's fixed 100 candidates; AP over the 100."""
     enc = _encoder(encoder, device)
@@ -256,7 +263,7 @@ def inquire_rerank(
         )
 
     validation = make("val") if split == "test" else None
-    options = RunOptions(100, batch_size, device, cache, quiet, out)
+    options = RunOptions(100, batch_size, device, cache, quiet, out, max_queries)
     _run([make(split)], model, mode, validation, enc, options)
 
 
@@ -278,6 +285,7 @@ def ilias(
     batch_size: BatchSize = 32,
     cache: Cache = None,
     quiet: Quiet = False,
+    max_queries: MaxQueries = None,
 ) -> None:
     """ILIAS / mini-ILIAS: image→image and text→image mAP@1k (the gallery imported once)."""
     tracks = ["i2i", "t2i"] if track == "both" else [track]
@@ -288,7 +296,7 @@ def ilias(
         )
         for t in tracks
     ]
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out)
+    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
     _run(evaluators, model, mode, None, None, options)
 
 
@@ -332,6 +340,7 @@ def custom(
     batch_size: BatchSize = 32,
     cache: Cache = None,
     quiet: Quiet = False,
+    max_queries: MaxQueries = None,
 ) -> None:
     """Your own labelled queries over your own embedding set."""
     enc = _encoder(encoder, device)
@@ -340,7 +349,7 @@ def custom(
     if val_queries is not None:
         validation = CustomEvaluator(val_queries, eset, k=k, split="val")
         validation.queries(enc)
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out)
+    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
     _run([CustomEvaluator(queries, eset, k=k)], model, mode, validation, enc, options)
 
 

@@ -370,6 +370,7 @@ class Evaluator(ABC):
         batch_size: int = 32,
         device: str = "cpu",
         progress: bool = False,
+        max_queries: int | None = None,
     ) -> EvalResult:
         """Runs every query through a :class:`~quari.retriever.Retriever` and scores it.
 
@@ -386,6 +387,8 @@ class Evaluator(ABC):
             batch_size: Queries searched together.
             device: Torch device for the adapter and scoring.
             progress: Show a progress bar.
+            max_queries: Evaluate only the first this many queries (quick runs; the result
+                records the count, and a note says the split was cut).
 
         Returns:
             The :class:`EvalResult`.
@@ -394,6 +397,12 @@ class Evaluator(ABC):
             raise QuARIInputError(f"mode must be one of {MODES}, got {mode!r}")
         t_start = time.perf_counter()
         queries = self.queries(encoder)
+        notes = list(self.notes)
+        if max_queries is not None and max_queries < len(queries):
+            if max_queries < 1:
+                raise QuARIInputError(f"max_queries must be positive, got {max_queries}")
+            notes.append(f"only the first {max_queries} of {len(queries)} queries evaluated")
+            queries = queries.subset(range(max_queries))
         if len(queries) == 0:
             raise QuARIInputError(f"{self.protocol} ({self.split}): no queries to evaluate")
         eset = gallery if gallery is not None else self.gallery
@@ -446,7 +455,7 @@ class Evaluator(ABC):
                 "batch_size": batch_size,
             },
             environment=environment(device),
-            notes=list(self.notes),
+            notes=notes,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
 

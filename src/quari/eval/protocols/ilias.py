@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from quari.encoders import Encoder
@@ -324,15 +326,15 @@ class IliasEvaluator(Evaluator):
         for p in positives:
             per_instance[instance_of(p)] = per_instance.get(instance_of(p), 0) + 1
         eset = self.gallery
-        instances = np.concatenate(
-            [
-                np.asarray(eset.metadata_table(s).column("instance").to_pylist(), object)
-                for s in eset.shards
-            ]
-        )
         rows_of: dict[str, list[int]] = {}
-        for i in np.flatnonzero(instances != ""):
-            rows_of.setdefault(str(instances[i]), []).append(int(i))
+        for shard in eset.shards:  # positives only: distractors have an empty instance
+            column = pc.cast(eset.metadata_table(shard).column("instance"), pa.string())
+            positive = pc.fill_null(pc.not_equal(column, ""), False)
+            hits = np.flatnonzero(positive.to_numpy(zero_copy_only=False))
+            for name, row in zip(
+                column.take(pa.array(hits)).to_pylist(), hits + shard.offset, strict=True
+            ):
+                rows_of.setdefault(name, []).append(int(row))
         relevant, counts, query_instances = [], [], []
         for q in wanted:
             inst = instance_of(q)

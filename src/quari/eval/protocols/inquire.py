@@ -265,13 +265,15 @@ class InquireFullrank(Evaluator):
         names = eset.metadata_table(eset.shards[0]).schema.names
         if "image_path" not in names:
             raise DataError(f"{eset.root}: gallery metadata has no image_path column ({names})")
-        paths = np.concatenate(
-            [
-                np.asarray(eset.metadata_table(s).column("image_path").to_pylist(), dtype=object)
-                for s in eset.shards
-            ]
-        )
-        row_of = {_stem(str(p)): i for i, p in enumerate(paths)}
+        # Only the annotated positives are looked up (a 5M-row gallery stays in Arrow).
+        wanted = pa.array(sorted({p for ps in positives.values() for p in ps}), pa.string())
+        row_of: dict[str, int] = {}
+        for shard in eset.shards:
+            column = pc.cast(eset.metadata_table(shard).column("image_path"), pa.string())
+            stems = pc.replace_substring_regex(column, r"\.[jJ][pP][gG]$", "")
+            hits = np.flatnonzero(pc.is_in(stems, value_set=wanted).to_numpy(zero_copy_only=False))
+            names = stems.take(pa.array(hits)).to_pylist()
+            row_of.update(zip(names, (hits + shard.offset).tolist(), strict=True))
         relevant, counts, absent = [], [], 0
         for row in rows:
             wanted = positives.get(row["query_id"], set())
