@@ -110,17 +110,17 @@ def test_eval_rerank_with_tuned_aqe_and_errors(app, tmp_path, models):
         app,
         ["eval", "inquire-rerank", str(fx.release), "--image-embeddings",
          str(fx.image_embeddings), "--query-embeddings", str(fx.query_embeddings),
-         "--model", "cosine", "--model", "aqe", "--model", str(tiny), "--out",
+         "--model", "initial", "--model", "cosine", "--model", "aqe", "--model", str(tiny), "--out",
          str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache"), "--quiet"],
         env=ENV,
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     results = load_results(tmp_path / "r.json")
     assert [(r.method["kind"], r.mode) for r in results] == [
-        ("cosine", "plain"), ("aqe", "rerank"), ("quari", "rerank")
+        ("initial", "fixed"), ("cosine", "plain"), ("aqe", "rerank"), ("quari", "rerank")
     ]  # fmt: skip
-    assert {t["split"] for t in results[1].method["tuning"]} == {"validation"}
-    assert results[0].k == 100 and results[0].primary_metric == "ap@100"
+    assert {t["split"] for t in results[2].method["tuning"]} == {"validation"}
+    assert results[1].k == 100 and results[1].primary_metric == "ap@100"
     out = runner.invoke(app, ["eval", "inquire-rerank", str(fx.release), "--quiet",
                               "--cache", str(tmp_path / "cache")])  # fmt: skip
     assert out.exit_code == 2 and "--image-embeddings" in out.output

@@ -184,7 +184,9 @@ def test_rerank_matches_scikit_learn_on_the_100_candidates(rerank, tmp_path):
             for i in range(0, 400, 100)
         ]
     )
-    assert initial["ap@100"] == pytest.approx(want, abs=1e-9)
+    assert initial.metrics["ap@100"] == pytest.approx(want, abs=1e-9)
+    assert initial.mode == "fixed" and initial.method["kind"] == "initial"
+    assert initial.per_query["query_id"] == rerank.queries
 
 
 def test_rerank_model_scores_only_the_fixed_candidates(rerank, tmp_path):

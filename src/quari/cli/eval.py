@@ -52,7 +52,8 @@ Models = Annotated[
     typer.Option(
         "--model",
         help="cosine, aqe[:n=N,alpha=A], dba[:k=K,alpha=A], a model folder (QuARI or linear "
-        "adapter) or hf:<repo>; repeat to compare (default: cosine).",
+        "adapter), hf:<repo>, or (inquire-rerank) initial: the release's clip_score order; "
+        "repeat to compare (default: cosine).",
     ),
 ]
 ModesOpt = Annotated[
@@ -127,6 +128,11 @@ def _run(
         if encoder is not None:
             ev.queries(encoder)  # embed once for every method
         for spec in specs or ["cosine"]:
+            if spec == "initial":  # the release's own first-stage order (INQUIRE-Rerank)
+                if not isinstance(ev, InquireRerank):
+                    raise QuARIInputError("--model initial exists for inquire-rerank only")
+                results.append(ev.initial_ranking())
+                continue
             method: Method = resolve_method(
                 spec,
                 ev,

@@ -429,6 +429,34 @@ class Evaluator(ABC):
         Q = len(queries)
         description = describe_method(adapter, name)
         description.update(method or {})
+        timings = {
+            "encode_s": queries.encode_seconds,
+            "search_s": search_s,
+            "metric_s": metric_s,
+            "wall_s": time.perf_counter() - t_start,
+            "per_query_ms": 1e3 * search_s / Q,
+            "stages_ms": {s: 1e3 * stages[s] / Q for s in STAGES},
+            "batch_size": batch_size,
+        }
+        return self.result(
+            queries, per_query, groups, description, mode, candidates, eset.rows, timings,
+            notes, device,
+        )  # fmt: skip
+
+    def result(
+        self,
+        queries: QuerySet,
+        per_query: dict[str, np.ndarray],
+        groups: dict[str, dict[str, dict[str, float]]],
+        method: dict[str, Any],
+        mode: str,
+        candidates: int,
+        gallery_rows: int,
+        timings: dict[str, Any],
+        notes: list[str],
+        device: str = "cpu",
+    ) -> EvalResult:
+        """Assembles the :class:`EvalResult` of per-query metric values of ``queries``."""
         return EvalResult(
             protocol=self.protocol,
             split=self.split,
@@ -439,21 +467,13 @@ class Evaluator(ABC):
                 **{m: v.tolist() for m, v in per_query.items()},
             },
             groups=groups,
-            method=description,
+            method=method,
             mode=mode,
             k=self.k,
             candidates=candidates,
-            queries=Q,
-            gallery_rows=eset.rows,
-            timings={
-                "encode_s": queries.encode_seconds,
-                "search_s": search_s,
-                "metric_s": metric_s,
-                "wall_s": time.perf_counter() - t_start,
-                "per_query_ms": 1e3 * search_s / Q,
-                "stages_ms": {s: 1e3 * stages[s] / Q for s in STAGES},
-                "batch_size": batch_size,
-            },
+            queries=len(queries),
+            gallery_rows=gallery_rows,
+            timings=timings,
             environment=environment(device),
             notes=notes,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

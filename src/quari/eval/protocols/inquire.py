@@ -52,8 +52,8 @@ import pyarrow.parquet as pq
 from quari.embed.images import load_image
 from quari.encoders import Encoder
 from quari.errors import DataError, NotFoundError, QuARIInputError
-from quari.eval.metrics import Ties
-from quari.eval.protocols.base import Evaluator, QuerySet
+from quari.eval.metrics import Ties, per_query_metrics
+from quari.eval.protocols.base import EvalResult, Evaluator, QuerySet
 from quari.eval.protocols.io import (
     cached_set,
     default_cache_dir,
@@ -486,22 +486,31 @@ class InquireRerank(Evaluator):
             seconds,
         )
 
-    def initial_ranking(self) -> dict[str, float]:
-        """The metrics of the release's own order (``clip_score``, the ViT-H/14-378 first
-        stage) — the "initial ranking" row of re-ranking tables."""
-        from quari.eval.metrics import retrieval_metrics
-
-        texts = self.table.column("query").to_pylist()
+    def initial_ranking(self) -> EvalResult:
+        """The release's own order (``clip_score``: the ViT-H/14-378 first stage that chose the
+        candidates) scored like any method — the "initial ranking" row of re-ranking tables.
+        Its mode is ``"fixed"`` and it has no search time."""
+        table = self.table
+        texts = table.column("query").to_pylist()
         order = list(dict.fromkeys(texts))
-        which = np.asarray([order.index(t) for t in texts]) if texts else np.empty(0, int)
-        labels = self.table.column("relevant").to_numpy()
-        scores = self.table.column("clip_score").to_numpy()
+        position = {t: i for i, t in enumerate(order)}
+        which = np.asarray([position[t] for t in texts])
+        labels = table.column("relevant").to_numpy()
+        clip = table.column("clip_score").to_numpy()
         rel = np.zeros((len(order), self.k), dtype=bool)
-        sc = np.full((len(order), self.k), -np.inf)
+        scores = np.full((len(order), self.k), -np.inf)
         for q in range(len(order)):
             sel = np.flatnonzero(which == q)
-            rel[q, : sel.size], sc[q, : sel.size] = labels[sel] == 1, scores[sel]
-        return retrieval_metrics(rel, None, self.metrics, scores=sc, ties=self.ties)
+            rel[q, : sel.size], scores[q, : sel.size] = labels[sel] == 1, clip[sel]
+        t0 = time.perf_counter()
+        per_query = per_query_metrics(rel, None, self.metrics, scores=scores, ties=self.ties)
+        queries = self.queries()
+        timings = {"metric_s": time.perf_counter() - t0, "per_query_ms": 0.0}
+        method = {"name": "initial (clip_score)", "kind": "initial"}
+        return self.result(
+            queries, per_query, self.groups_of(per_query, queries), method, "fixed", self.k,
+            self.gallery.rows, timings, list(self.notes),
+        )  # fmt: skip
 
 
 def _first_of(table: pa.Table, ids: np.ndarray, column: str) -> list[str]:
