@@ -427,23 +427,29 @@ class InquireRerank(Evaluator):
         eset.append(vectors, {"inat24_image_id": ids.astype(np.int64), "inat24_file_name": names})
         return eset
 
-    def _encode_images(self, ids: np.ndarray) -> np.ndarray:
+    def _encode_images(self, ids: np.ndarray, batch: int = 128) -> np.ndarray:
+        """Embeds each candidate image once, streaming the release in record batches (the
+        decoded images of a whole split would not fit in memory)."""
         assert self.encoder is not None
-        wanted = {int(i) for i in ids}
-        images: dict[int, Any] = {}
+        vectors: dict[int, np.ndarray] = {}
         for f in self.files:
-            table = pq.read_table(f, columns=["inat24_image_id", "image"])
-            for image_id, cell in zip(
-                table.column("inat24_image_id").to_pylist(),
-                table.column("image").to_pylist(),
-                strict=True,
-            ):
-                if image_id in wanted and image_id not in images:
+            reader = pq.ParquetFile(f)
+            for part in reader.iter_batches(batch, columns=["inat24_image_id", "image"]):
+                new_ids, images = [], []
+                for image_id, cell in zip(
+                    part.column(0).to_pylist(), part.column(1).to_pylist(), strict=True
+                ):
+                    if image_id in vectors or image_id in new_ids:
+                        continue
                     data = cell.get("bytes") if isinstance(cell, dict) else None
                     if not data:
                         raise DataError(f"{f}: image {image_id} has no bytes")
-                    images[image_id] = load_image(data).image
-        return np.asarray(self.encoder.encode_images([images[int(i)] for i in ids]), np.float32)
+                    new_ids.append(image_id)
+                    images.append(load_image(data).image)
+                if images:
+                    encoded = np.asarray(self.encoder.encode_images(images), np.float32)
+                    vectors.update(zip(new_ids, encoded, strict=True))
+        return np.stack([vectors[int(i)] for i in ids])
 
     def load_queries(self, encoder: Encoder | None = None) -> QuerySet:
         table = self.table
