@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,15 +54,24 @@ from quari.scoring import default_block_rows
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+# The timer: wall time, or this process's CPU time (``--clock cpu``, with ``--threads 1``: on a
+# machine shared with other jobs, CPU time leaves out the time other processes hold the core).
+CLOCK = {"clock": time.perf_counter}
+
+
+def now() -> float:
+    return CLOCK["clock"]()
+
+
 def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
+    """Median time of ``fn`` in milliseconds (wall time unless ``--clock cpu``)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     return statistics.median(times) * 1e3
 
 
@@ -228,12 +238,19 @@ REFERENCE_IMPL = "reference implementation"
 
 def gemm_rates(n: int = 2048, repeats: int = 5) -> dict:
     """GFLOP/s of an n×n×n matrix product in fp32 and bf16 at the current thread count."""
-    rates = {}
+    return {
+        dtype: 2 * n**3 / (median_ms(job, repeats) * 1e-3) / 1e9
+        for dtype, job in gemm_probes(n).items()
+    }
+
+
+def gemm_probes(n: int) -> dict[str, Callable[[], object]]:
+    """n×n×n matrix products in fp32 and bf16, as jobs for :func:`interleaved_ms`."""
+    jobs = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        ms = median_ms(lambda a=a, b=b: a @ b, repeats)
-        rates[str(dtype).removeprefix("torch.")] = 2 * n**3 / (ms * 1e-3) / 1e9
-    return rates
+        jobs[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b)
+    return jobs
 
 
 def flops_per_query(cfg: HyperNetConfig, fold: bool) -> float:
@@ -331,15 +348,15 @@ def interleaved_ms(jobs: dict[str, Callable[[], object]], repeats: int, per: int
     which every job runs once (so that load changes on a shared machine hit all alike)."""
     first = {}
     for name, job in jobs.items():  # warm-up (and compilation, for torch.compile)
-        start = time.perf_counter()
+        start = now()
         job()
-        first[name] = time.perf_counter() - start
+        first[name] = now() - start
     times: dict[str, list[float]] = {name: [] for name in jobs}
     for _ in range(repeats):
         for name, job in jobs.items():
-            start = time.perf_counter()
+            start = now()
             job()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return {
         name: {
             "first_call_s": first[name],
@@ -394,11 +411,16 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
                 "refined_query": float((got.refined_query - want["refined_query"]).abs().max()),
                 "W": float((got.dense().transpose(1, 2) - want["W_image"]).abs().max()),
             }
+        gemm_jobs, rates = gemm_probes(plan["gemm_n"]), entry.setdefault("gemm_gflops_by_batch", {})
         for B in plan["batches"]:
             q = torch.from_numpy(unit_rows(rng, (B, E)))
             jobs = {name: functools.partial(fn, q) for name, fn in paths.items()}
-            for name, row in interleaved_ms(jobs, plan["repeats"][B], B).items():
-                for key, value in row.items():
+            # GEMMs timed in the same rounds: the floor of each batch size is taken under the
+            # load its own timings saw.
+            timed = interleaved_ms({**jobs, **gemm_jobs}, plan["repeats"][B], B)
+            rates[B] = {d: 2 * plan["gemm_n"] ** 3 / (timed[d]["ms"] * B * 1e6) for d in gemm_jobs}
+            for name in jobs:
+                for key, value in timed[name].items():
                     timings[name].setdefault(key, {})[B] = value
             print(f"  B {B}: " + "  ".join(f"{n} {timings[n]['ms'][B]:.1f}" for n in paths))
         for B in plan["rerank_batches"]:
@@ -420,8 +442,10 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
     for name, t in timings.items():
         if "ms" in t:
             t["speedup_vs_before"] = {B: before[B] / ms for B, ms in t["ms"].items()}
-            floor = entry["floor_ms_bf16" if name == "bf16" else "floor_ms_fp32"]
-            t["over_own_floor"] = {B: ms / floor for B, ms in t["ms"].items()}
+            dtype = "bfloat16" if name == "bf16" else "float32"
+            t["over_own_floor"] = {
+                B: ms / (flops / rates[B][dtype] / 1e6) for B, ms in t["ms"].items()
+            }
     # Quality guard on a planted set (the paper-sized planted spec; a small one in --quick).
     quick = E < 768
     spec = PlantedSpec(dim=E, cluster_dim=8, subspace_dim=4) if quick else planted_768()
@@ -441,6 +465,7 @@ def bench_runtimes(args, quick: bool) -> dict:
         "rerank_batches": [1, 4] if quick else [1, 32],
         "candidates": 200 if quick else 1000,
         "repeats": {1: 2, 4: 2} if quick else {1: 15, 32: 5, 256: 3},
+        "gemm_n": 512 if quick else 1024,
     }
     out = {"threads": torch.get_num_threads(), **plan}
     out["gemm_gflops"] = gemm_rates(512 if quick else 2048)
@@ -480,6 +505,8 @@ def print_runtime_tables(section: dict) -> None:
     print_table("Hypernetwork runtimes, ms per query (median of interleaved repeats)", rows, cols)
     print(f"GEMM GFLOP/s at {section['threads']} threads: {section['gemm_gflops']}")
     for variant, entry in section["variants"].items():
+        for B, r in entry["gemm_gflops_by_batch"].items():
+            print(f"{variant}, GEMM GFLOP/s in the B={B} rounds: {r}")
         print(
             f"{variant}: {entry['flops_per_query'] / 1e9:.2f} GFLOP/query (unfolded "
             f"{entry['flops_per_query_unfolded'] / 1e9:.2f}); floor {entry['floor_ms_fp32']:.1f} "
@@ -514,7 +541,20 @@ def main() -> None:
         "--reference-code", type=Path, help="a checkout of the reference implementation"
     )
     parser.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="runtimes section: wall time, or process CPU time (only with --threads 1)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            parser.error("--clock cpu measures latency only with --threads 1")
+        CLOCK["clock"] = time.process_time
     sections = [s for s in args.sections.split(",") if s]
     if unknown := sorted(set(sections) - set(SECTIONS)):
         parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
@@ -619,7 +659,9 @@ def main() -> None:
         result["runtimes"] = bench_runtimes(args, args.quick)
         result["runtimes_run"] = {
             **run_facts,
-            "command": "python benchmarks/bench_core.py --sections " + args.sections,
+            "threads": torch.get_num_threads(),
+            "clock": args.clock,
+            "command": "python benchmarks/bench_core.py " + " ".join(sys.argv[1:]),
         }
         print_runtime_tables(result["runtimes"])
 
