@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -172,6 +174,15 @@ def _max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
+def _fp32_linears(model: QuARIModel) -> dict:
+    """Every transformer map as plain F.linear: forces the pass written out from the weights
+    (without replacements, an unfolded pass runs the modules)."""
+    return {
+        name: functools.partial(torch.nn.functional.linear, weight=w, bias=b)
+        for name, (w, b) in model.transformer_linears().items()
+    }
+
+
 @pytest.mark.parametrize(
     "seed,overrides",
     [
@@ -189,11 +200,13 @@ def test_folded_pass_equals_the_full_pass(seed, overrides):
     q = torch.nn.functional.normalize(torch.randn(6, 24), dim=-1)
     with torch.inference_mode():
         folded = model.predict_factors(q)
-        full = model.predict_factors(q, fold=False)
+        full = model.predict_factors(q, fold=False, linears=_fp32_linears(model))
         unchanged = model.transformer_factors(q)  # eval mode: the nn.TransformerEncoder pass
     assert _max_diff(folded, full) < 1e-5
     assert _max_diff(folded, unchanged) < 1e-5
     assert _max_diff(full, unchanged) < 1e-5
+    with torch.inference_mode():  # unfolded without replacements: the module pass itself
+        assert _max_diff(model.predict_factors(q, fold=False), unchanged) == 0
 
 
 def test_the_fold_halves_the_sequence_and_matters(monkeypatch):
@@ -211,7 +224,7 @@ def test_the_fold_halves_the_sequence_and_matters(monkeypatch):
     with torch.inference_mode():
         folded = model.predict_factors(q)
         n_folded = len(seen)
-        full = model.predict_factors(q, fold=False)
+        full = model.predict_factors(q, fold=False, linears=_fp32_linears(model))
     assert {s for s, _ in seen[:n_folded]} == {7} and {s for s, _ in seen[n_folded:]} == {13}
     bias = seen[0][1]
     assert bias[0] == 0 and np.allclose(bias[1:], np.log(2.0))
@@ -229,7 +242,10 @@ def test_paper_variant_keeps_the_full_pass():
     model = _sharpened(_model("paper", 6))
     q = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)
     with torch.inference_mode():
-        assert _max_diff(model.predict_factors(q), model.transformer_factors(q)) < 1e-5
+        unchanged = model.transformer_factors(q)
+        assert _max_diff(model.predict_factors(q), unchanged) == 0
+        written_out = model.predict_factors(q, linears=_fp32_linears(model))
+        assert _max_diff(written_out, unchanged) < 1e-5
         with pytest.raises(QuARIInputError, match="needs the reference variant"):
             model.predict_factors(q, fold=True)
 

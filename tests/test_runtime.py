@@ -196,3 +196,32 @@ def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model,
     model = copy.deepcopy(fixture_model)
     model.set_runtime("auto", candidates=("int8", "bf16"), probe=probe)
     assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
+
+
+@pytest.mark.parametrize("name", ["eager", "bf16"])
+def test_large_batches_run_in_near_equal_chunks(monkeypatch, name):
+    import quari.runtime as rt
+
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()  # 1 + r = 5 token rows per query
+    q = torch.nn.functional.normalize(torch.randn(11, 24), dim=-1)
+    runtime = build_runtime(model, name)
+    with torch.inference_mode():
+        whole = runtime.run(q)
+    monkeypatch.setattr(rt, "CHUNK_ROWS", 20)  # at most 4 queries per chunk
+    assert rt.chunk_size(model) == 4
+    sizes, run = [], runtime.run
+    monkeypatch.setattr(runtime, "run", lambda part: sizes.append(len(part)) or run(part))
+    with torch.inference_mode():
+        parts = runtime(q)
+    assert sizes == [4, 4, 3]
+    for a, b in zip(parts, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    if name == "eager":  # the model's own default path chunks the same way
+        spy, predict = [], model.predict_factors
+        monkeypatch.setattr(
+            model, "predict_factors", lambda part: spy.append(len(part)) or predict(part)
+        )
+        with torch.inference_mode():
+            model(q)
+        assert spy == [4, 4, 3]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quari.adaptation import Adaptation
+from quari.runtime import chunked
 from quari.validation import QuARIInputError, as_embeddings
 
 __all__ = ["LINEAR_ROLES", "HyperNetConfig", "LinearFn", "QuARIModel"]
@@ -313,6 +314,8 @@ class QuARIModel(nn.Module):
             runtime = self._runtime
             if runtime is not None and runtime.accepts(self, q):
                 refined, U, V = runtime(q)
+            elif not self.training and q.device.type == "cpu":
+                refined, U, V = chunked(self, self.predict_factors, q)  # large batches in chunks
             else:
                 refined, U, V = self.predict_factors(q)
         return self.to_adaptation(refined, U, V)
@@ -424,6 +427,10 @@ class QuARIModel(nn.Module):
                 "fold=True needs the reference variant: the paper variant's U and V banks get "
                 "different positions and differ, so neither can stand for the other"
             )
+        if not fold and not linears:
+            # Nothing to fold or swap: the module pass keeps PyTorch's fused inference kernels
+            # (as fast per token as the pass below, faster at large batches).
+            return self.transformer_factors(q)
         banks = 1 if fold else 2
         table = self.transformer_linears()
         unknown = sorted(set(linears) - set(table))

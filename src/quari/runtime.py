@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
 
 __all__ = [
+    "CHUNK_ROWS",
     "REQUIRED_AGREEMENT",
     "RUNTIMES",
     "GuardReport",
@@ -72,6 +73,8 @@ __all__ = [
     "build_runtime",
     "cache_dir",
     "choose_runtime",
+    "chunk_size",
+    "chunked",
     "cpu_flags",
     "has_native_bf16",
     "probe_set",
@@ -114,6 +117,31 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "quari"
 
 
+#: Token rows (queries × sequence length) per chunk of a large batch: the activations of a
+#: chunk stay in cache, those of a whole large batch do not (bench_core: the pass ran ~1.5×
+#: slower per query at batch 256 than at batch 32 before chunking).
+CHUNK_ROWS = 2048
+
+
+def chunk_size(model: QuARIModel) -> int:
+    """The most queries one chunk of ``model``'s inference pass takes (≥ 1): about
+    :data:`CHUNK_ROWS` token rows (1 + r folded, 1 + 2r otherwise, per query)."""
+    cfg = model.config
+    tokens = 1 + (1 if cfg.variant == "reference" else 2) * cfg.rank
+    return max(1, CHUNK_ROWS // tokens)
+
+
+def chunked(model: QuARIModel, run, q: torch.Tensor):
+    """``run(q)`` → (q′, U, V) over near-equal chunks of at most :func:`chunk_size` queries,
+    concatenated (each query's outputs depend on that query alone, so this is exact)."""
+    batch, most = q.shape[0], chunk_size(model)
+    if batch <= most:
+        return run(q)
+    size = -(-batch // -(-batch // most))  # ceil(batch / chunks): no small remainder chunk
+    parts = [run(part) for part in q.split(size)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
+
 class Runtime:
     """How a model's inference pass runs; built by :func:`build_runtime`.
 
@@ -142,7 +170,12 @@ class Runtime:
         )
 
     def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q′, U, V) for checked, normalised (B, E) fp32 queries."""
+        """(q′, U, V) for checked, normalised (B, E) fp32 queries, in chunks of
+        :func:`chunk_size` queries."""
+        return chunked(self.model, self.run, q)
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q′, U, V) for one chunk of queries."""
         return self.model.predict_factors(q)
 
     def describe(self) -> dict[str, Any]:
@@ -165,7 +198,7 @@ class CompiledRuntime(Runtime):
         self.dynamic = dynamic
         self._compiled = torch.compile(model.predict_factors, dynamic=dynamic)
 
-    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._compiled(q)
 
 
@@ -196,7 +229,7 @@ class Bf16Runtime(Runtime):
         super().__init__(model)
         self.linears = {n: _Bf16Linear(w, b) for n, (w, b) in model.transformer_linears().items()}
 
-    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.model.predict_factors(q, linears=self.linears)
 
     def describe(self) -> dict[str, Any]:
@@ -239,7 +272,7 @@ class Int8Runtime(Runtime):
             )
         self.linears = dict(zip(names, quantised, strict=True))
 
-    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.model.predict_factors(q, linears=self.linears)
 
 
@@ -335,7 +368,7 @@ class OnnxRuntime(Runtime):
         proto = program.model_proto.SerializeToString()
         atomic_write(path, lambda f: f.write(proto))
 
-    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self._session.run(None, {"queries": q.detach().contiguous().numpy()})
         refined, U, V = (torch.from_numpy(x) for x in out)
         return refined, U, V
