@@ -210,3 +210,22 @@ def test_text_and_image_queries_from_the_command_line(tmp_path):
     assert out.exit_code == 2 and "Traceback" not in out.output
     out = runner.invoke(app, ["search", str(tmp_path / "s"), "--text", "x"])
     assert out.exit_code == 2 and "need --encoder" in out.output
+
+
+def test_every_command_help_renders_with_its_literal_brackets():
+    import typer.main
+
+    from quari.cli import app
+
+    def walk(command, path):
+        yield path
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    paths = list(walk(typer.main.get_command(app), []))
+    assert ["index", "build"] in paths and ["eval", "custom"] in paths
+    for path in paths:
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert out.exit_code == 0, (path, out.output)
+    index_help = runner.invoke(app, ["index", "build", "--help"], env={"COLUMNS": "200"})
+    assert "milvus://HOST:PORT[/COLLECTION]" in index_help.output

@@ -28,6 +28,7 @@ from quari import __version__
 from quari.errors import QuARIError, error_kind
 
 app = typer.Typer(
+    rich_markup_mode=None,  # help texts hold literal brackets: [milvus], PATH[/COLLECTION]
     help="quari: query-adaptive retrieval (QuARI) over embedding sets.",
     no_args_is_help=True,
     add_completion=False,

@@ -12,7 +12,9 @@ from quari.cli import app, console, err_console, friendly_errors
 from quari.embed.images import DEFAULT_MAX_PIXELS
 from quari.encoders import EncoderConfig, list_encoders
 
-encoders_app = typer.Typer(help="Image–text encoders: list kinds, fit the offline head.")
+encoders_app = typer.Typer(
+    rich_markup_mode=None, help="Image–text encoders: list kinds, fit the offline head."
+)
 app.add_typer(encoders_app, name="encoders", no_args_is_help=True)
 
 EncoderOpt = Annotated[

@@ -38,6 +38,7 @@ from quari.store import EmbeddingSet
 from quari.validation import QuARIInputError
 
 eval_app = typer.Typer(
+    rich_markup_mode=None,
     help="Evaluate methods on INQUIRE, ILIAS or your own labelled queries; write reports.",
     no_args_is_help=True,
 )

@@ -21,8 +21,12 @@ from quari.retriever import MODES, Retriever
 from quari.store import EmbeddingSet
 from quari.validation import load_array_file
 
-index_app = typer.Typer(help="Candidate indexes over an embedding set.", no_args_is_help=True)
-set_app = typer.Typer(help="Inspect and check embedding sets.", no_args_is_help=True)
+index_app = typer.Typer(
+    rich_markup_mode=None, help="Candidate indexes over an embedding set.", no_args_is_help=True
+)
+set_app = typer.Typer(
+    rich_markup_mode=None, help="Inspect and check embedding sets.", no_args_is_help=True
+)
 app.add_typer(index_app, name="index")
 app.add_typer(set_app, name="set")
 
