@@ -8,6 +8,7 @@ files or memory maps.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,16 @@ from quari import __version__
 from quari.errors import StoreError
 from quari.fileio import read_json
 
-__all__ = ["Layout", "Shard", "ShardFile", "StoreError", "npy_header", "parquet_rows"]
+__all__ = [
+    "Layout",
+    "Shard",
+    "ShardFile",
+    "StoreError",
+    "check_shard_files",
+    "npy_header",
+    "parquet_rows",
+    "unlisted_files",
+]
 
 MANIFEST = "manifest.json"
 FORMAT = "quari-embedding-set"
@@ -207,3 +217,79 @@ def infer_layout(root: Path) -> Layout:
         has_manifest=False,
         encoder_info={"note": "inferred from a clip-retrieval folder"},
     )
+
+
+SHARD_FOLDERS = ("img_emb", "text_emb", "metadata")
+
+
+def unlisted_files(root: Path, shards: Sequence[Shard], temporaries: bool = False) -> list[str]:
+    """Shard-folder files of ``root`` that no shard in ``shards`` lists (relative paths, sorted).
+
+    Args:
+        root: The set's folder.
+        shards: The shards a manifest lists.
+        temporaries: Also list ``atomic_write``'s temporary files (``.{folder}_….{random}``),
+            which killed writes leave behind; other dot-files are never listed.
+    """
+    listed = {f.path for s in shards for f in s.files()}
+    found = []
+    for sub in SHARD_FOLDERS:
+        for p in (root / sub).glob("*_*.*"):
+            rel = f"{sub}/{p.name}"
+            if p.name.startswith("."):
+                if temporaries and p.name.startswith(f".{sub}_"):
+                    found.append(rel)
+            elif rel not in listed:
+                found.append(rel)
+    return sorted(found)
+
+
+def check_shard_files(
+    root: Path,
+    dim: int,
+    dtype: str,
+    shards: Sequence[Shard],
+    resolve: Callable[[ShardFile], Path],
+) -> None:
+    """Checks every shard's files against each other and against what ``shards`` say: image
+    embeddings of ``dim`` columns and ``dtype`` with the listed rows, text embeddings of the same
+    shape, metadata with as many rows, text and metadata files in all shards or in none.
+
+    Args:
+        root: The set's folder (named in messages).
+        dim, dtype, shards: What the manifest (or the inferred layout) says.
+        resolve: A shard file's path, refused when it leaves the set's folder
+            (:meth:`quari.store.EmbeddingSet.path`).
+
+    Raises:
+        StoreError: the first mismatch, naming the file.
+    """
+    kinds: dict[str, set[bool]] = {"text": set(), "metadata": set()}
+    for shard in shards:
+        where = resolve(shard.image)
+        header = npy_header(where)
+        if header.shape[1] != dim:
+            raise StoreError(f"{where}: dimension {header.shape[1]}, the set has {dim}")
+        if header.shape[0] != shard.rows:
+            raise StoreError(f"{where}: {header.shape[0]} rows, the manifest says {shard.rows}")
+        if header.dtype.name != dtype:
+            raise StoreError(f"{where}: dtype {header.dtype}, the manifest says {dtype}")
+        kinds["text"].add(shard.text is not None)
+        kinds["metadata"].add(shard.metadata is not None)
+        if shard.text is not None:
+            text = npy_header(resolve(shard.text))
+            if text.shape != header.shape:
+                raise StoreError(
+                    f"{root / shard.text.path}: shape {text.shape}, its image embeddings are "
+                    f"{header.shape}"
+                )
+        if shard.metadata is not None:
+            rows = parquet_rows(resolve(shard.metadata))
+            if rows != shard.rows:
+                raise StoreError(
+                    f"{root / shard.metadata.path}: {rows} metadata rows, {where} has "
+                    f"{shard.rows} embeddings"
+                )
+    for kind, present in kinds.items():
+        if len(present) > 1:
+            raise StoreError(f"{root}: some shards have {kind} files and others not")

@@ -24,7 +24,6 @@ the manifest leaves files that no manifest lists: ``open(..., recover=True)`` de
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -39,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
+from filelock import FileLock, Timeout
 
 from quari.errors import LockError, NotFoundError, QuARIInputError
 from quari.fileio import atomic_write, inside, sha256_file
@@ -48,10 +48,10 @@ from quari.layout import (
     Shard,
     ShardFile,
     StoreError,
+    check_shard_files,
     infer_layout,
-    npy_header,
-    parquet_rows,
     read_manifest,
+    unlisted_files,
 )
 from quari.validation import as_embeddings
 
@@ -96,8 +96,9 @@ class EmbeddingSet:
         self._maps: dict[tuple[str, int], np.ndarray] = {}
         self._tables: dict[int, pa.Table] = {}
         self.follow_links: bool | None = None  # None: $QUARI_FOLLOW_LINKS decides
-        self._lock_fd: int | None = None
-        self._lock_depth = 0
+        # Re-entrant per object (not per thread: a job's writer threads share it); another
+        # EmbeddingSet of the same folder, in any process, is another holder and is refused.
+        self._lock = FileLock(self.root / LOCK_FILE, thread_local=False, preserve_lock_file=True)
 
     def path(self, file: ShardFile) -> Path:
         """The path of one of the set's files, refused unless it lies inside the set's folder
@@ -194,69 +195,16 @@ class EmbeddingSet:
         shards renamed into place but never committed, and temporary files of killed writes."""
         if not self.has_manifest:
             return []
-        listed = {f.path for s in self.shards for f in s.files()}
-        found = []
-        for sub in ("img_emb", "text_emb", "metadata"):
-            folder = self.root / sub
-            if not folder.is_dir():
-                continue
-            for p in folder.glob("*_*.*"):
-                rel = f"{sub}/{p.name}"
-                if p.name.startswith("."):  # atomic_write's temporaries: .{name}.{random}
-                    if p.name.startswith(f".{sub}_"):
-                        found.append(rel)
-                elif rel not in listed:
-                    found.append(rel)
-        return sorted(found)
+        return unlisted_files(self.root, self.shards, temporaries=True)
 
     def _check_files(self) -> None:
         """Cross-checks every shard's files against each other and against the manifest."""
-        listed = set()
-        kinds = {"text": set(), "metadata": set()}
-        for shard in self.shards:
-            header = npy_header(self.path(shard.image))
-            listed.add(shard.image.path)
-            where = f"{self.path(shard.image)}"
-            if header.shape[1] != self.dim:
-                raise StoreError(f"{where}: dimension {header.shape[1]}, the set has {self.dim}")
-            if header.shape[0] != shard.rows:
-                raise StoreError(f"{where}: {header.shape[0]} rows, the manifest says {shard.rows}")
-            if header.dtype.name != self.dtype:
-                raise StoreError(f"{where}: dtype {header.dtype}, the manifest says {self.dtype}")
-            kinds["text"].add(shard.text is not None)
-            kinds["metadata"].add(shard.metadata is not None)
-            if shard.text is not None:
-                listed.add(shard.text.path)
-                text = npy_header(self.path(shard.text))
-                if text.shape != header.shape:
-                    raise StoreError(
-                        f"{self.root / shard.text.path}: shape {text.shape}, its image "
-                        f"embeddings are {header.shape}"
-                    )
-            if shard.metadata is not None:
-                listed.add(shard.metadata.path)
-                rows = parquet_rows(self.path(shard.metadata))
-                if rows != shard.rows:
-                    raise StoreError(
-                        f"{self.root / shard.metadata.path}: {rows} metadata rows, "
-                        f"{self.root / shard.image.path} has {shard.rows} embeddings"
-                    )
-        for kind, present in kinds.items():
-            if len(present) > 1:
-                raise StoreError(f"{self.root}: some shards have {kind} files and others not")
-        if self.has_manifest:
-            unlisted = [
-                rel
-                for sub in ("img_emb", "text_emb", "metadata")
-                for p in (self.root / sub).glob("*_*.*")
-                if not p.name.startswith(".") and (rel := f"{sub}/{p.name}") not in listed
-            ]
-            if unlisted:
-                raise StoreError(
-                    f"{self.root}: {sorted(unlisted)[:5]} not in {MANIFEST} (left by an "
-                    "interrupted append?); move them away or delete them, or resume the job "
-                    "that wrote them"
-                )
+        check_shard_files(self.root, self.dim, self.dtype, self.shards, self.path)
+        if self.has_manifest and (unlisted := unlisted_files(self.root, self.shards)):
+            raise StoreError(
+                f"{self.root}: {unlisted[:5]} not in {MANIFEST} (left by an interrupted "
+                "append?); move them away or delete them, or resume the job that wrote them"
+            )
 
     def __len__(self) -> int:
         return self.rows
@@ -526,27 +474,17 @@ class EmbeddingSet:
             >>> with eset.writing():  # doctest: +SKIP
             ...     eset.append(vectors_a); eset.append(vectors_b)
         """
-        if self._lock_depth == 0:
-            path = self.root / LOCK_FILE
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                raise LockError(
-                    f"{self.root}: another writer is appending to this set (it holds "
-                    f"{LOCK_FILE}); wait until it finishes"
-                ) from None
-            self._lock_fd = fd
-        self._lock_depth += 1
+        try:
+            self._lock.acquire(blocking=False)
+        except Timeout:
+            raise LockError(
+                f"{self.root}: another writer is appending to this set (it holds {LOCK_FILE}); "
+                "wait until it finishes"
+            ) from None
         try:
             yield self
         finally:
-            self._lock_depth -= 1
-            if self._lock_depth == 0 and self._lock_fd is not None:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            self._lock.release()
 
     def _refresh(self) -> None:
         """Takes in shards another writer committed since this object read the manifest (called
