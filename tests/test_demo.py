@@ -270,10 +270,13 @@ def test_the_report_renders_in_chromium_with_every_image(demo, tmp_path):
         assert driver.save_screenshot(str(shot))
     finally:
         driver.quit()
-    assert state["title"] == "quari demo"
-    assert state["total"] >= TINY["showcase"] * 2 * TINY["top"] and state["broken"] == []
-    assert state["tables"] == 8 and state["queries"] == TINY["showcase"]
+    # Compared with the page as written (the command-line test reruns the demo with the
+    # default showcase size into the same folder, so the count depends on test order).
     page = parse(result.report)
+    assert state["title"] == "quari demo"
+    assert state["queries"] == len(page.queries) >= TINY["showcase"]
+    assert state["total"] >= state["queries"] * 2 * TINY["top"] and state["broken"] == []
+    assert state["tables"] == 8
     marked = sum(rel for q in page.hits.values() for hits in q.values() for _, rel in hits)
     assert state["relevant"] == marked
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:4] == b"\x89PNG"
