@@ -2,8 +2,9 @@
 
 A :class:`~quari.retriever.Retriever` scores the gallery through a :class:`QueryAdapter`. The
 QuARI hypernetwork (:class:`~quari.hypernet.QuARIModel`) is one; baselines are others — the
-frozen backbone (:class:`CosineAdapter`: T = I, q′ = q, plain cosine similarity) here, and the
-trained baselines in :mod:`quari.eval.baselines`. Because every adapter yields an
+frozen backbone (:class:`CosineAdapter`: T = I, q′ = q, plain cosine similarity) and ILIAS's
+static linear adaptation (:class:`LinearAdapter`, one learned map for every query) here, and the
+query-expansion baselines in :mod:`quari.eval.baselines`. Because every adapter yields an
 :class:`~quari.adaptation.Adaptation`, they all share the exact scoring paths (score, rerank,
 scan, the adaptive first stage).
 
@@ -18,13 +19,27 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
+from quari import __version__
 from quari.adaptation import Adaptation
+from quari.errors import CheckpointError, QuARIInputError
+from quari.fileio import atomic_write, read_json
+from quari.validation import as_embeddings
 
-__all__ = ["CosineAdapter", "QueryAdapter", "adapter_device"]
+__all__ = ["LINEAR_FORMAT", "CosineAdapter", "LinearAdapter", "QueryAdapter", "adapter_device"]
+
+#: ``format`` of a linear adapter's ``config.json`` (:meth:`LinearAdapter.save`).
+LINEAR_FORMAT = "quari-linear-adapter"
+_LINEAR_VERSION = 1
 
 
 @runtime_checkable
@@ -62,6 +77,193 @@ class CosineAdapter:
 
     def __repr__(self) -> str:
         return f"CosineAdapter(embedding_dim={self.embedding_dim})"
+
+
+class LinearAdapter(torch.nn.Module):
+    """ILIAS's static linear adaptation: one learned map W (D×E) for every query and item.
+
+    ILIAS (``linear_adaptation/``) projects queries *and* gallery vectors with one
+    ``Linear(E, D)`` and L2-normalises, so the score is cos(Wq, Wd). This class learns W
+    **without a bias**: with a bias b the score cos(Wq + b, Wd + b) is affine in d, which no
+    :class:`~quari.adaptation.Adaptation` over the stored rows can express (the homogeneous
+    coordinate trick would need a constant 1 appended to every stored row). Without it the map
+    is exact in factored form: with the thin SVD W = P S Qᵀ (rank ρ ≤ min(D, E)),
+
+        cos(Wq, Wd) = cos(S Qᵀq, S Qᵀd) = cos(q′, T d),  T = Q S Qᵀ = U Vᵀ,  q′ = T q / ‖T q‖,
+
+    since P has orthonormal columns (U = Q S, V = Q, the paper variant of rank ρ). So every
+    retrieval mode scores the linear baseline exactly from the stored rows, with no
+    re-embedded copy of the gallery.
+
+    Args:
+        embedding_dim: E, the backbone dimension.
+        out_dim: D, the projected dimension (ILIAS: 512; default min(512, E)).
+        metadata: Facts saved with the adapter (``"encoder"`` is checked by the Retriever).
+
+    Example:
+        >>> adapter = LinearAdapter(16, 8)
+        >>> q, d = torch.randn(2, 16), torch.randn(5, 16)
+        >>> ref = adapter.project(q) @ adapter.project(d).T
+        >>> torch.allclose(adapter(q).score(d), ref, atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self, embedding_dim: int, out_dim: int | None = None, metadata: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        E = int(embedding_dim)
+        D = min(512, E) if out_dim is None else int(out_dim)
+        if E < 1 or D < 1:
+            raise QuARIInputError(f"embedding_dim and out_dim must be positive, got {E}, {D}")
+        self.weight = torch.nn.Parameter(torch.empty(D, E))
+        # Orthonormal rows: at D = E the initial map is a rotation (exactly the cosine
+        # baseline), at D < E a random projection that roughly preserves it.
+        torch.nn.init.orthogonal_(self.weight)
+        self.metadata: dict[str, Any] = {"adapter": "linear", **(metadata or {})}
+        # (the weight they were computed from, U, V): recomputed when the weight changes
+        self._factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        return self.weight.shape[0]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """normalize(W x) for (N, E) vectors — the D-dimensional space ILIAS searches in
+        (differentiable: the training loss uses it)."""
+        return torch.nn.functional.normalize(x @ self.weight.T, dim=-1)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U, V), each (E, ρ), with U Vᵀ = Q S Qᵀ = T (class docstring); cached per weight
+        weight. Singular values below 1e-6 · the largest are dropped (rank ρ)."""
+        w = self.weight.detach()
+        cached = self._factors
+        if cached is None or cached[0].device != w.device or not torch.equal(cached[0], w):
+            with torch.no_grad():
+                _, S, Qt = torch.linalg.svd(w.double(), full_matrices=False)
+                keep = 1e-6 * S.max() < S  # S is non-empty: D, E ≥ 1
+                Q, S = Qt[keep].T, S[keep]
+                if Q.shape[1] == 0:
+                    raise QuARIInputError("the linear adapter's weight is zero (no direction)")
+                self._factors = (w.clone(), (Q * S).to(w.dtype), Q.to(w.dtype))
+        return self._factors[1], self._factors[2]
+
+    def forward(self, queries: torch.Tensor) -> Adaptation:
+        """The exact :class:`~quari.adaptation.Adaptation` of cos(Wq, Wd) for (B, E) queries."""
+        q = as_embeddings(queries, self.embedding_dim, "queries", normalize=True)
+        q = q.to(self.weight.device, self.weight.dtype)
+        U, V = self.factors()
+        refined = (q @ V) @ U.T  # T q = Q S Qᵀ q
+        B, (E, r) = q.shape[0], U.shape
+        return Adaptation(refined, U.expand(B, E, r), V.expand(B, E, r), "paper")
+
+    # -- folders ----------------------------------------------------------------------------------
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Writes ``config.json`` (``"format": "quari-linear-adapter"``), ``model.safetensors``
+        (``weight``, D×E) and a ``README.md`` model card; :func:`quari.checkpoint.load_model`
+        recognises the folder.
+
+        Returns:
+            The folder path.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": LINEAR_FORMAT,
+            "format_version": _LINEAR_VERSION,
+            "quari_version": __version__,
+            "config": {"embedding_dim": self.embedding_dim, "out_dim": self.out_dim, "bias": False},
+            "metadata": self.metadata,
+        }
+        state = {"weight": self.weight.detach().cpu().contiguous()}
+        atomic_write(folder / "model.safetensors", lambda f: f.write(save_safetensors(state)))
+        text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
+        atomic_write(folder / "config.json", lambda f: f.write(text.encode()))
+        atomic_write(folder / "README.md", lambda f: f.write(self._card().encode()))
+        return folder
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+    ) -> LinearAdapter:
+        """Loads a folder written by :meth:`save`, in eval mode.
+
+        Raises:
+            CheckpointError: missing or corrupt files, another format, a newer format version,
+                or a weight whose shape contradicts the config.
+        """
+        folder = Path(folder)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{path}: missing; a linear adapter folder needs config.json and "
+                    "model.safetensors"
+                )
+        data = read_json(config_path, CheckpointError)
+        if not isinstance(data, dict) or data.get("format") != LINEAR_FORMAT:
+            raise CheckpointError(
+                f'{config_path}: not a linear adapter ("format": "{LINEAR_FORMAT}")'
+            )
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > _LINEAR_VERSION:
+            raise CheckpointError(
+                f"{config_path}: format_version {version!r} is newer than this quari supports "
+                f"({_LINEAR_VERSION}); upgrade quari (this is {__version__})"
+            )
+        cfg = data.get("config") or {}
+        if cfg.get("bias"):
+            raise CheckpointError(
+                f"{config_path}: a linear adapter with a bias cannot be scored exactly from the "
+                "stored rows; quari's linear adapters are bias-free"
+            )
+        try:
+            E, D = int(cfg["embedding_dim"]), int(cfg["out_dim"])
+            weight = load_file(str(weights_path), device=str(map_location))["weight"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{folder}: incomplete linear adapter ({exc!r})") from None
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+        if tuple(weight.shape) != (D, E):
+            raise CheckpointError(
+                f"{weights_path}: weight has shape {tuple(weight.shape)}, the config says "
+                f"({D}, {E})"
+            )
+        adapter = cls(E, D, dict(data.get("metadata") or {}))
+        with torch.no_grad():
+            adapter.weight.copy_(weight)
+        return adapter.to(map_location).eval()
+
+    def _card(self) -> str:
+        lines = [
+            "---",
+            "library_name: quari",
+            "tags: [quari, retrieval, linear-adaptation, baseline]",
+            "---",
+            "",
+            "# Linear adapter (static task adaptation)",
+            "",
+            "One bias-free linear map W applied to queries and gallery items, scored by "
+            "cos(Wq, Wd) — the ILIAS linear-adaptation baseline. Load it with "
+            "`quari.checkpoint.load_model(folder)`.",
+            "",
+            "| field | value |",
+            "|---|---|",
+            f"| encoder | {self.metadata.get('encoder', 'unknown')} |",
+            f"| map | {self.out_dim} × {self.embedding_dim}, no bias |",
+            f"| quari version | {__version__} |",
+        ]
+        lines += [
+            f"| {k} | {v} |" for k, v in sorted(self.metadata.items()) if k not in ("encoder",)
+        ]
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return f"LinearAdapter(embedding_dim={self.embedding_dim}, out_dim={self.out_dim})"
 
 
 def adapter_device(adapter: Any) -> torch.device | None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 
 from quari import __version__
+from quari.adapters import LINEAR_FORMAT, LinearAdapter
 from quari.errors import CheckpointError, NotFoundError, QuARIInputError, missing_extra
 from quari.fileio import atomic_write, inside, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
@@ -224,11 +225,13 @@ def load_reference(folder: str | os.PathLike[str]) -> QuARIModel:
 
 def load_model(
     spec: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
-) -> QuARIModel:
+) -> QuARIModel | LinearAdapter:
     """Loads a model from a quari model folder, a reference checkpoint or the hub.
 
     Args:
-        spec: A folder (``config.json`` → :func:`load`; ``config.yml`` or
+        spec: A folder (``config.json`` → :func:`load`, or
+            :meth:`~quari.adapters.LinearAdapter.load` when its ``format`` is
+            ``"quari-linear-adapter"``; ``config.yml`` or
             ``model_hyperparams.yml`` → :func:`load_reference`), or ``hf:<repo-id>`` /
             ``hf:<repo-id>@<revision>`` — a repository on the Hugging Face hub holding either
             layout (e.g. ``hf:EricX003/QuARI-google-siglip2-base-patch16-512``), fetched into
@@ -236,7 +239,8 @@ def load_model(
         map_location: Device for the weights.
 
     Returns:
-        The model in eval mode.
+        The model in eval mode: a :class:`QuARIModel`, or a
+        :class:`~quari.adapters.LinearAdapter` for a linear-adapter folder.
 
     Raises:
         CheckpointError: a folder holding no model, a repository that cannot be fetched (or is
@@ -253,6 +257,9 @@ def load_model(
         if not folder.is_dir():
             raise NotFoundError(f"{folder}: no such model folder")
     if (folder / "config.json").is_file():
+        data = read_json(folder / "config.json", CheckpointError)
+        if isinstance(data, dict) and data.get("format") == LINEAR_FORMAT:
+            return LinearAdapter.load(folder, map_location=map_location)
         return load(folder, map_location=map_location)
     if any((folder / c).is_file() for c, _ in _REFERENCE_FILES):
         return load_reference(folder).to(map_location)

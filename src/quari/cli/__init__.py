@@ -109,4 +109,4 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` (imported last: they import from here).
-from quari.cli import embed, search, serve, train  # noqa: E402, F401
+from quari.cli import embed, eval, search, serve, train  # noqa: E402, F401

@@ -1,0 +1,114 @@
+"""Query adapters: the cosine baseline and the linear adapter (exact factored form of
+cos(Wq, Wd), folders, load_model, every retrieval mode)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from quari.adapters import CosineAdapter, LinearAdapter, QueryAdapter
+from quari.checkpoint import load_model
+from quari.errors import CheckpointError
+from quari.index import CandidateIndex
+from quari.retriever import MODES, Retriever
+
+from helpers import assert_close, make_set
+
+
+def brute_force(adapter: LinearAdapter, q, d) -> np.ndarray:
+    """The oracle: cos(Wq, Wd) in float64 from the dense weight."""
+    W = adapter.weight.detach().double()
+    zq = torch.nn.functional.normalize(torch.as_tensor(q).double() @ W.T, dim=-1)
+    zd = torch.nn.functional.normalize(torch.as_tensor(d).double() @ W.T, dim=-1)
+    return (zq @ zd.T).numpy()
+
+
+@pytest.mark.parametrize("out_dim", [8, 24, 40])  # D < E, D = E, D > E
+def test_linear_adapter_scores_cos_wq_wd_exactly(out_dim):
+    torch.manual_seed(0)
+    adapter = LinearAdapter(24, out_dim)
+    with torch.no_grad():
+        adapter.weight.add_(0.3 * torch.randn_like(adapter.weight))  # not orthonormal any more
+    rng = np.random.default_rng(1)
+    q, d = rng.standard_normal((3, 24)), rng.standard_normal((60, 24)).astype(np.float32)
+    ad = adapter(torch.from_numpy(q).float())
+    assert isinstance(adapter, QueryAdapter)
+    assert ad.rank == min(out_dim, 24) and ad.variant == "paper"
+    oracle = brute_force(adapter, q, d)
+    assert_close(ad.score(d).numpy(), oracle, 2e-5)
+    top = ad.scan([(0, d[:25]), (25, d[25:])], 5)
+    want = np.argsort(-oracle, axis=1, kind="stable")[:, :5]
+    assert top.ids.numpy().tolist() == want.tolist()
+    assert_close(top.scores.numpy(), np.take_along_axis(oracle, want, 1), 2e-5)
+
+
+def test_linear_adapter_at_init_with_full_dimension_is_the_cosine_baseline():
+    adapter = LinearAdapter(16, 16)  # orthonormal init: a rotation
+    q, d = torch.randn(2, 16), torch.randn(30, 16)
+    assert_close(adapter(q).score(d).numpy(), CosineAdapter(16)(q).score(d).numpy(), 1e-5)
+
+
+def test_factors_follow_weight_updates():
+    adapter = LinearAdapter(12, 6)
+    q, d = torch.randn(2, 12), torch.randn(10, 12)
+    before = adapter(q).score(d)
+    with torch.no_grad():
+        adapter.weight.mul_(torch.linspace(0.1, 2.0, 12))  # in place: same storage
+    after = adapter(q).score(d)
+    assert not torch.allclose(before, after)
+    assert_close(after.numpy(), brute_force(adapter, q, d), 2e-5)
+
+
+def test_rank_deficient_weight_drops_null_directions():
+    adapter = LinearAdapter(10, 4)
+    with torch.no_grad():
+        adapter.weight[2:] = 0  # rank 2
+    q, d = torch.randn(3, 10), torch.randn(20, 10)
+    ad = adapter(q)
+    assert ad.rank == 2
+    assert_close(ad.score(d).numpy(), brute_force(adapter, q, d), 2e-5)
+
+
+def test_save_load_and_load_model(tmp_path):
+    adapter = LinearAdapter(24, 8, {"encoder": "test-encoder"})
+    adapter.save(tmp_path / "lin")
+    config = json.loads((tmp_path / "lin" / "config.json").read_text())
+    assert config["format"] == "quari-linear-adapter" and config["config"]["bias"] is False
+    assert "Linear adapter" in (tmp_path / "lin" / "README.md").read_text()
+    loaded = load_model(tmp_path / "lin")
+    assert isinstance(loaded, LinearAdapter) and not loaded.training
+    assert loaded.metadata["encoder"] == "test-encoder"
+    assert torch.equal(loaded.weight, adapter.weight)
+    config["config"]["out_dim"] = 9
+    (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"shape \(8, 24\)"):
+        load_model(tmp_path / "lin")
+    config["config"].update(out_dim=8, bias=True)
+    (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="bias"):
+        LinearAdapter.load(tmp_path / "lin")
+    config.update(format_version=99, config={**config["config"], "bias": False})
+    (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="newer"):
+        load_model(tmp_path / "lin")
+
+
+def test_every_retrieval_mode_ranks_by_the_linear_map(tmp_path):
+    eset, stored, _ = make_set(tmp_path / "set", shards=(120, 80))
+    torch.manual_seed(2)
+    adapter = LinearAdapter(24, 12, {"encoder": "test-encoder"})
+    q = np.random.default_rng(5).standard_normal((4, 24)).astype(np.float32)
+    oracle = brute_force(adapter, q, stored.astype(np.float32))
+    want = np.argsort(-oracle, axis=1, kind="stable")[:, :5]
+    index = CandidateIndex.build(eset, "faiss:Flat", progress=False)
+    retriever = Retriever(eset, adapter, index)
+    scan = retriever.search(q, 5, mode="scan", with_metadata=False)
+    assert scan.ids.tolist() == want.tolist()
+    for mode in MODES[1:]:
+        # candidates = the whole set: every mode must then find the exact top 5
+        res = retriever.search(q, 5, mode=mode, candidates=200, with_metadata=False)
+        assert res.ids.tolist() == want.tolist(), mode
+        assert_close(res.scores, np.take_along_axis(oracle, want, 1), 2e-5)

@@ -1,0 +1,132 @@
+"""`quari eval` end to end: a tiny QuARI model, a linear adapter and baselines against cosine
+on INQUIRE-, INQUIRE-Rerank- and ILIAS-format fixtures, JSON written, and `quari eval report`
+rendering markdown and PNG plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from quari import QuARIModel
+from quari.adapters import LinearAdapter
+from quari.checkpoint import save
+from quari.eval.protocols import IliasEvaluator, InquireFullrank, load_results
+
+from eval_fixtures import write_ilias, write_inquire, write_rerank
+from helpers import tiny_config
+
+runner = CliRunner()
+ENV = {"COLUMNS": "200"}
+
+
+@pytest.fixture
+def app():
+    from quari.cli import app
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield app
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def models(tmp_path):
+    torch.manual_seed(0)
+    save(QuARIModel(tiny_config("paper")).eval(), tmp_path / "tiny")
+    LinearAdapter(24, 12, {"encoder": "unknown"}).save(tmp_path / "linear")
+    return tmp_path / "tiny", tmp_path / "linear"
+
+
+def test_eval_inquire_and_ilias_then_report(app, tmp_path, models):
+    tiny, linear = models
+    fx = write_inquire(tmp_path / "INQUIRE")
+    cache = ["--cache", str(tmp_path / "cache"), "--quiet"]
+    out = runner.invoke(
+        app,
+        ["eval", "inquire-fullrank", str(fx.root), "--embeddings", fx.key,
+         "--query-embeddings", str(fx.query_embeddings), "--model", "cosine", "--model",
+         str(tiny), "--model", str(linear), "--mode", "all", "-k", "5",
+         "--out", str(tmp_path / "inquire.json"), *cache],
+        env=ENV,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "inquire-fullrank (test)" in out.output and "wrote 7 result(s)" in out.output
+    results = load_results(tmp_path / "inquire.json")
+    assert [(r.method["name"], r.mode) for r in results] == [
+        ("cosine", "plain"), ("tiny", "rerank"), ("tiny", "adaptive"), ("tiny", "scan"),
+        ("linear", "rerank"), ("linear", "adaptive"), ("linear", "scan"),
+    ]  # fmt: skip
+    assert results[1].method["kind"] == "quari" and results[1].method["rank"] == 4
+    assert results[4].method["kind"] == "linear" and results[4].method["out_dim"] == 12
+    api = InquireFullrank.from_root(
+        fx.root, fx.key, query_embeddings=fx.query_embeddings, k=5
+    ).evaluate(None)
+    assert results[0].per_query == api.per_query  # the CLI runs the library's evaluation
+
+    il = write_ilias(tmp_path / "ilias")
+    out = runner.invoke(
+        app,
+        ["eval", "ilias", str(il.root), "--mini", "--model", "cosine", "--model", str(tiny),
+         "--mode", "scan", "--out", str(tmp_path / "ilias.json"), *cache],
+        env=ENV,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    ilias = load_results(tmp_path / "ilias.json")
+    assert [(r.protocol, r.method["name"], r.mode) for r in ilias] == [
+        ("mini-ilias-i2i", "cosine", "plain"), ("mini-ilias-i2i", "cosine", "scan"),
+        ("mini-ilias-i2i", "tiny", "scan"), ("mini-ilias-t2i", "cosine", "plain"),
+        ("mini-ilias-t2i", "cosine", "scan"), ("mini-ilias-t2i", "tiny", "scan"),
+    ]  # fmt: skip
+    api = IliasEvaluator(il.root, track="t2i", mini=True, cache=tmp_path / "cache")
+    assert ilias[3].per_query == api.evaluate(None).per_query
+
+    out = runner.invoke(
+        app,
+        ["eval", "report", str(tmp_path / "inquire.json"), str(tmp_path / "ilias.json"),
+         "--out", str(tmp_path / "report")],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## inquire-fullrank (test)" in md and "## mini-ilias-t2i (mini)" in md
+    assert "| tiny | adaptive |" in md and "**ap@5 by supercategory**" in md
+    assert "**ap@1000 by category**" in md
+    png = tmp_path / "report" / "inquire-fullrank-test-methods.png"
+    assert f"]({png.name})" in md
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size == (830, 360)  # 7 bars: (0.9 · 7 + 2) in × 3.6 in at 100 dpi
+    with Image.open(tmp_path / "report" / "mini-ilias-i2i-mini-latency.png") as image:
+        assert image.size == (700, 400)
+
+
+def test_eval_rerank_with_tuned_aqe_and_errors(app, tmp_path, models):
+    tiny, _ = models
+    fx = write_rerank(tmp_path / "rerank")
+    out = runner.invoke(
+        app,
+        ["eval", "inquire-rerank", str(fx.release), "--image-embeddings",
+         str(fx.image_embeddings), "--query-embeddings", str(fx.query_embeddings),
+         "--model", "initial", "--model", "cosine", "--model", "aqe", "--model", str(tiny), "--out",
+         str(tmp_path / "r.json"), "--cache", str(tmp_path / "cache"), "--quiet"],
+        env=ENV,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    results = load_results(tmp_path / "r.json")
+    assert [(r.method["kind"], r.mode) for r in results] == [
+        ("initial", "fixed"), ("cosine", "plain"), ("aqe", "rerank"), ("quari", "rerank")
+    ]  # fmt: skip
+    assert {t["split"] for t in results[2].method["tuning"]} == {"validation"}
+    assert results[1].k == 100 and results[1].primary_metric == "ap@100"
+    out = runner.invoke(app, ["eval", "inquire-rerank", str(fx.release), "--quiet",
+                              "--cache", str(tmp_path / "cache")])  # fmt: skip
+    assert out.exit_code == 2 and "--image-embeddings" in out.output
+    (tmp_path / "junk.json").write_text(json.dumps({"hello": 1}))
+    out = runner.invoke(app, ["eval", "report", str(tmp_path / "junk.json"), "--out",
+                              str(tmp_path / "rep")])  # fmt: skip
+    assert out.exit_code == 2 and "not a quari evaluation result" in out.output
+    out = runner.invoke(app, ["eval", "ilias", str(tmp_path), "--model", "aqe", "--quiet"], env=ENV)
+    assert out.exit_code == 2 and "give it (e.g. aqe:n=2)" in out.output  # ILIAS has no val split
