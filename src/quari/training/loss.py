@@ -24,6 +24,7 @@ global batch (tested in ``tests/test_training.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,17 +66,25 @@ class LossOutput:
 
 
 def add_query_noise(
-    queries: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None
+    queries: torch.Tensor,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    relative: bool = False,
 ) -> torch.Tensor:
     """LinCIR query noise: q + scale · s · ε, s ~ U[0, 1] per sample, ε ~ N(0, I) per dimension.
 
     Applied to unit query embeddings during training only, and not re-normalised (docs/method.md
-    §5.2); feed the result to the model with ``normalize=False``.
+    §5.2); feed the result to the model with ``normalize=False``. The paper's noise has norm
+    ≈ scale·s·√E — 28·s at E = 768, so for most draws the query direction is mostly noise;
+    ``relative=True`` divides ε by √E, so that ‖noise‖ ≈ scale·s against the unit query at any
+    embedding size.
 
     Args:
         queries: (B, E) unit query embeddings.
         scale: Multiplies the noise (1.0 = the paper; 0 = no noise).
         generator: Random source (default: torch's global generator).
+        relative: Scale ε by 1/√E (noise relative to the unit query).
 
     Returns:
         (B, E) noised queries.
@@ -90,6 +99,8 @@ def add_query_noise(
     B, E = queries.shape
     s = torch.rand(B, 1, generator=generator, device=queries.device, dtype=queries.dtype)
     eps = torch.randn(B, E, generator=generator, device=queries.device, dtype=queries.dtype)
+    if relative:
+        scale = scale / math.sqrt(E)
     return queries + scale * s * eps
 
 
