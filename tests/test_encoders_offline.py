@@ -217,3 +217,87 @@ def test_head_fit_project_and_id_without_loading_a_model(tmp_path):
     )
     with pytest.raises(QuARIInputError, match=r"\(N, 1280\)"):
         saved.project(feats[:, :10])
+
+
+def test_fit_offline_write_set_equals_quari_embed_and_encodes_each_image_once(
+    tmp_path, monkeypatch
+):
+    """`fit-offline --write-set` writes the set `quari embed --encoder offline:HEAD` writes
+    (vectors up to fp16 rounding; metadata, skipped images, manifest and job file the same),
+    decoding and encoding every image once; `quari embed` then finds that set complete."""
+    from quari.embed import engine as engine_module
+    from quari.embed import read_errors
+    from quari.encoders.offline import OfflineTowers
+
+    photos = bundled_photos()
+    lines = ["path,caption,source"]
+    for name, img in photos.items():
+        img.resize((96, 96)).save(tmp_path / f"{name}.png")
+        lines.append(f"{name}.png,{CAPTIONS[name][0]},skimage")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    lines.insert(5, "broken.png,a broken file,none")  # in the first shard, not at an edge
+    (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    n_items = len(photos) + 1
+
+    counts = {"decoded": 0, "encoded": 0}
+    decode, features = engine_module.load_image, OfflineTowers.image_features
+
+    def counting_decode(*args, **kwargs):
+        counts["decoded"] += 1
+        return decode(*args, **kwargs)
+
+    def counting_features(self, pixel_values):
+        counts["encoded"] += int(pixel_values.shape[0])
+        return features(self, pixel_values)
+
+    monkeypatch.setattr(engine_module, "load_image", counting_decode)
+    monkeypatch.setattr(OfflineTowers, "image_features", counting_features)
+    runner = CliRunner()
+    head, written, embedded = tmp_path / "head", tmp_path / "written", tmp_path / "embedded"
+    csv = str(tmp_path / "captions.csv")
+    fit = runner.invoke(app, ["encoders", "fit-offline", csv, "--out", str(head), "--resolution",
+                              "64", "--write-set", str(written), "--rows-per-shard", "7",
+                              "--quiet"])  # fmt: skip
+    assert fit.exit_code == 0, fit.output
+    assert f"wrote {len(photos)} rows → {written}" in " ".join(fit.output.split())
+    assert counts == {"decoded": n_items, "encoded": len(photos)}
+
+    # the same input through quari embed with the fitted head (decoded in this process)
+    run = runner.invoke(app, ["embed", csv, str(embedded), "--encoder", f"offline:{head}",
+                              "--rows-per-shard", "7", "--workers", "0", "--quiet"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert counts == {"decoded": 2 * n_items, "encoded": 2 * len(photos)}
+
+    a, b = EmbeddingSet.open(written), EmbeddingSet.open(embedded)
+    assert (a.encoder, a.dim, a.rows, a.encoder_info) == (b.encoder, b.dim, b.rows, b.encoder_info)
+    assert a.encoder == load_encoder(f"offline:{head}").id and a.rows == len(photos)
+    assert [s.rows for s in a.shards] == [s.rows for s in b.shards] == [6, 7, 3]
+    rows = np.arange(a.rows)
+    assert a.metadata(rows).equals(b.metadata(rows))
+    assert a.metadata(rows).column_names == ["path", "caption", "source", "width", "height"]
+    for kind in ("image", "text"):
+        np.testing.assert_allclose(
+            a.gather(rows, kind).astype(np.float32), b.gather(rows, kind).astype(np.float32),
+            atol=2e-3,
+        )  # fmt: skip
+    assert read_errors(written).equals(read_errors(embedded))
+    assert read_errors(written)["path"].to_pylist() == ["broken.png"]
+    assert json.loads((written / "embed_job.json").read_text()) == json.loads(
+        (embedded / "embed_job.json").read_text()
+    )
+
+    # quari embed over the written set finds every shard done: nothing decoded or encoded
+    again = runner.invoke(app, ["embed", csv, str(written), "--encoder", f"offline:{head}",
+                                "--rows-per-shard", "7", "--workers", "0"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "0 written now, 3 kept" in again.output
+    assert counts == {"decoded": 2 * n_items, "encoded": 2 * len(photos)}
+
+
+def test_fit_offline_write_set_needs_the_head_folder(tmp_path):
+    from quari.encoders.offline_fit import fit_offline_head_from
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text("a caption")
+    with pytest.raises(QuARIInputError, match="needs the head's folder"):
+        fit_offline_head_from(tmp_path, None, write_set=tmp_path / "set")

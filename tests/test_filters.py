@@ -7,7 +7,19 @@ import pyarrow.dataset as ds
 import pytest
 
 from quari import QuARIInputError
-from quari.filters import parse_where
+from quari.filters import (
+    BoolOp,
+    Compare,
+    Field,
+    IsIn,
+    IsNull,
+    Literal,
+    Not,
+    StringMatch,
+    parse_filter,
+    parse_where,
+    to_expression,
+)
 
 ROWS = [
     {"label": "cat", "width": 640, "score": 0.9, "caption": "a red cat", "image path": "a.jpg"},
@@ -67,3 +79,43 @@ def test_filters_select_what_python_would(text, python):
 def test_unsupported_filters_are_refused_with_their_position(text, match):
     with pytest.raises(QuARIInputError, match=match):
         parse_where(text)
+
+
+SAMPLE_FILTERS = [
+    'label == "cat"',
+    "200 < width <= 700",
+    'label in ["dog", "bird"] or score < -0.1',
+    'label not in ("cat", None)',
+    "not (width > 300) and caption is not None",
+    'contains(caption, "red") or endswith(field("image path"), ".png")',
+    "score > -0.6 and (width == 128 or not label != 'cat')",
+]
+
+
+@pytest.mark.parametrize("text", SAMPLE_FILTERS)
+def test_the_tree_prints_as_a_filter_that_parses_to_the_same_tree(text):
+    tree = parse_filter(text)
+    assert parse_filter(str(tree)) == tree
+    assert str(to_expression(tree)) == str(parse_where(text))
+
+
+def test_the_tree_holds_what_was_written():
+    tree = parse_filter('1 < width < 5 and not startswith(field("image path"), "a")')
+    assert tree == BoolOp(
+        "and",
+        (
+            BoolOp(
+                "and",
+                (
+                    Compare("<", Literal(1), Field("width")),
+                    Compare("<", Field("width"), Literal(5)),
+                ),
+            ),
+            Not(StringMatch("startswith", Field("image path"), "a")),
+        ),
+    )
+    assert parse_filter("label in [None, 'x']") == IsIn(Field("label"), (None, "x"))
+    assert parse_filter("x is not None") == IsNull(Field("x"), negated=True)
+    assert parse_filter("-3 < x") == Compare("<", Literal(-3), Field("x"))
+    with pytest.raises(QuARIInputError, match="must be a condition"):
+        parse_filter("-3")

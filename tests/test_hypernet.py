@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,123 @@ def test_config_round_trip_and_variant_defaults():
     assert HyperNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(QuARIInputError, match=r"unknown HyperNetConfig field\(s\) \['colour'\]"):
         HyperNetConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+# -- the inference pass (docs/method.md §3.5) ----------------------------------------------------
+def _sharpened(model: QuARIModel, gain: float = 4.0) -> QuARIModel:
+    """Scales the attention projections up, so that the attention weights are far from uniform
+    and a wrong fold (a missing log 2) would show."""
+    with torch.no_grad():
+        for layer in model.transformer.layers:
+            layer.self_attn.in_proj_weight.mul_(gain)
+    return model
+
+
+def _max_diff(a, b) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def _fp32_linears(model: QuARIModel) -> dict:
+    """Every transformer map as plain F.linear: forces the pass written out from the weights
+    (without replacements, an unfolded pass runs the modules)."""
+    return {
+        name: functools.partial(torch.nn.functional.linear, weight=w, bias=b)
+        for name, (w, b) in model.transformer_linears().items()
+    }
+
+
+@pytest.mark.parametrize(
+    "seed,overrides",
+    [
+        (0, {}),
+        (1, dict(num_layers=3, num_steps=4)),
+        (2, dict(rank=7, num_heads=4, hidden_dim=32)),
+        (3, dict(num_steps=1, num_layers=1)),
+        (4, dict(query_residual_weight=0.0, normalize_factors=False, anchor_scale=0.3)),
+    ],
+)
+def test_folded_pass_equals_the_full_pass(seed, overrides):
+    """Reference variant: [ctx; U] with log 2 on the U logits gives the outputs of [ctx; U; V],
+    and both equal the unchanged nn.TransformerEncoder pass, to fp32 precision."""
+    model = _sharpened(_model("reference", seed, **overrides))
+    q = torch.nn.functional.normalize(torch.randn(6, 24), dim=-1)
+    with torch.inference_mode():
+        folded = model.predict_factors(q)
+        full = model.predict_factors(q, fold=False, linears=_fp32_linears(model))
+        unchanged = model.transformer_factors(q)  # eval mode: the nn.TransformerEncoder pass
+    assert _max_diff(folded, full) < 1e-5
+    assert _max_diff(folded, unchanged) < 1e-5
+    assert _max_diff(full, unchanged) < 1e-5
+    with torch.inference_mode():  # unfolded without replacements: the module pass itself
+        assert _max_diff(model.predict_factors(q, fold=False), unchanged) == 0
+
+
+def test_the_fold_halves_the_sequence_and_matters(monkeypatch):
+    """The folded pass attends over 1 + r tokens with a log 2 bias; without the bias the
+    outputs would differ (so the equality above is not vacuous)."""
+    model = _sharpened(_model("reference", 5, rank=6))
+    q = torch.nn.functional.normalize(torch.randn(3, 24), dim=-1)
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        seen.append((key.shape[-2], None if attn_mask is None else attn_mask.flatten().tolist()))
+        return sdpa(query, key, value, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.inference_mode():
+        folded = model.predict_factors(q)
+        n_folded = len(seen)
+        full = model.predict_factors(q, fold=False, linears=_fp32_linears(model))
+    assert {s for s, _ in seen[:n_folded]} == {7} and {s for s, _ in seen[n_folded:]} == {13}
+    bias = seen[0][1]
+    assert bias[0] == 0 and np.allclose(bias[1:], np.log(2.0))
+
+    def no_bias(query, key, value, attn_mask=None, **kw):
+        return sdpa(query, key, value, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_bias)
+    with torch.inference_mode():
+        unbiased = model.predict_factors(q)
+    assert _max_diff(folded, full) < 1e-5 < _max_diff(unbiased, full)
+
+
+def test_paper_variant_keeps_the_full_pass():
+    model = _sharpened(_model("paper", 6))
+    q = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)
+    with torch.inference_mode():
+        unchanged = model.transformer_factors(q)
+        assert _max_diff(model.predict_factors(q), unchanged) == 0
+        written_out = model.predict_factors(q, linears=_fp32_linears(model))
+        assert _max_diff(written_out, unchanged) < 1e-5
+        with pytest.raises(QuARIInputError, match="needs the reference variant"):
+            model.predict_factors(q, fold=True)
+
+
+def test_inference_options_are_refused_in_training_mode():
+    model = _model("reference").train()
+    q = torch.nn.functional.normalize(torch.randn(2, 24), dim=-1)
+    for kwargs in (dict(fold=False), dict(linears={})):
+        with pytest.raises(QuARIInputError, match="call model.eval"):
+            model.predict_factors(q, **kwargs)
+
+
+def test_linears_replace_the_transformer_maps_by_name():
+    model = _model("reference", 7)
+    q = torch.nn.functional.normalize(torch.randn(3, 24), dim=-1)
+    table = model.transformer_linears()
+    assert len(table) == 4 * model.config.num_layers
+    w, b = table["transformer.layers.1.linear2"]
+    assert w is model.transformer.layers[1].linear2.weight and b.shape == (16,)
+    calls = []
+
+    def doubled(x, w=w, b=b):
+        calls.append(x.shape)
+        return 2 * torch.nn.functional.linear(x, w, b)
+
+    with torch.inference_mode():
+        plain = model.predict_factors(q)
+        swapped = model.predict_factors(q, linears={"transformer.layers.1.linear2": doubled})
+    assert len(calls) == model.config.num_steps and calls[0] == (3, 5, 64)
+    assert _max_diff(plain, swapped) > 1e-4
+    with pytest.raises(QuARIInputError, match=r"unknown name\(s\) \['transformer.layers.9"):
+        model.predict_factors(q, linears={"transformer.layers.9.linear1": doubled})

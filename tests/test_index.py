@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from quari.index import CandidateIndex, StaleIndexError, choose_factory
+from quari.filters import parse_filter, parse_where
+from quari.index import CandidateIndex, RowFilter, StaleIndexError, choose_factory
 from quari.store import EmbeddingSet
 
 from helpers import make_set
@@ -108,3 +111,103 @@ def test_a_filter_expression_selects_the_same_rows_as_their_ids(tmp_path):
     by_expression = index.search(q, 15, selection=where)
     np.testing.assert_array_equal(by_ids[1], by_expression[1])
     assert (by_ids[1] >= 0).all()
+
+
+# -- the backend contract, for every backend ------------------------------------------------------
+BACKENDS = ["faiss", "milvus-lite"]
+
+
+@pytest.fixture(scope="module")
+def milvus_db(tmp_path_factory):
+    """One Milvus Lite database for the module; each test gets its own collection in it."""
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    return tmp_path_factory.mktemp("milvus") / "index.db"
+
+
+def exact_spec(backend: str, request) -> tuple[str, dict]:
+    """The exact (flat) index of a backend, and its build options."""
+    if backend == "faiss":
+        return "faiss:Flat", {}
+    db = request.getfixturevalue("milvus_db")
+    return f"milvus-lite:{db}/c_{uuid.uuid4().hex[:12]}", {
+        "index_type": "FLAT",
+        "fields": ["group", "name"],
+    }
+
+
+@pytest.fixture(params=BACKENDS)
+def exact(request, tmp_path):
+    """(eset, stored rows, metadata, a spec builder) for one backend; indexes closed after."""
+    eset, stored, meta = make_set(tmp_path / "s")
+    built = []
+
+    def build(**kw):
+        spec, options = exact_spec(request.param, request)
+        index = CandidateIndex.build(eset, spec, progress=False, **options, **kw)
+        built.append(index)
+        return index
+
+    yield eset, stored, meta, build
+    for index in built:
+        index.close()
+
+
+def brute_force(q, stored, allowed=None, k=10):
+    scores = q @ stored.astype(np.float32).T
+    if allowed is not None:
+        mask = np.full(scores.shape[1], -np.inf, dtype=np.float32)
+        mask[allowed] = 0
+        scores = scores + mask
+    ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids, np.take_along_axis(scores, ids, 1)
+
+
+def test_an_exact_index_of_every_backend_equals_brute_force(exact):
+    eset, stored, _, build = exact
+    index = build()
+    assert index.rows == len(eset) and index.stale_reason() is None
+    q = np.random.default_rng(1).standard_normal((4, 24)).astype(np.float32)
+    scores, ids = index.search(q, 10)
+    want_ids, want_scores = brute_force(q, stored)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_every_form_of_a_selection_filters_inside_the_search(exact):
+    eset, stored, _, build = exact
+    index = build()
+    q = stored[[1, 2, 3]].astype(np.float32)
+    text = "group == 3 or name in ['item-1', 'item-2']"
+    tree = parse_filter(text)
+    allowed = eset.select(parse_where(text))
+    want_ids, _ = brute_force(q, stored, allowed, k=15)
+    for selection in (allowed, parse_where(text), tree, RowFilter(allowed, tree)):
+        _, ids = index.search(q, 15, selection=selection)
+        np.testing.assert_array_equal(ids, want_ids)
+    _, none = index.search(
+        q, 5, selection=RowFilter(np.empty(0, np.int64), parse_filter("group > 9"))
+    )
+    assert (none == -1).all()
+
+
+def test_every_backend_saves_loads_and_updates_an_appended_set(exact):
+    eset, _, _, build = exact
+    built = build()
+    loaded = CandidateIndex.load(EmbeddingSet.open(eset.root))
+    assert type(loaded) is type(built) and loaded.rows == 750
+    assert loaded.describe()["fingerprint"] == eset.fingerprint
+    loaded.close()
+    rng = np.random.default_rng(3)
+    eset.append(rng.standard_normal((9, 24)), {"group": np.arange(9), "name": ["n"] * 9})
+    with pytest.raises(StaleIndexError, match=r"the set now has 759 \(appended since\)"):
+        CandidateIndex.load(eset)
+    updated = CandidateIndex.load(eset, update=True)
+    assert updated.rows == 759 and updated.stale_reason() is None
+    q = rng.standard_normal((3, 24)).astype(np.float32)
+    stored = eset.gather(np.arange(759))
+    np.testing.assert_array_equal(updated.search(q, 30)[1], brute_force(q, stored, k=30)[0])
+    updated.close()
+    again = CandidateIndex.load(eset)  # the update was saved
+    assert again.rows == 759
+    again.close()

@@ -18,13 +18,15 @@ shared positions the permutation-equivariant transformer updates both banks iden
 (``docs/method.md`` §3.3, §3.4): T = I + α Û V̂ᵀ with Frobenius-normalised factors,
 q′ = normalize((1−λ) MLP(ctx) + λq), a sinusoidal step code through an MLP, shared positions
 pe[0:r] on both banks, and 5 % token dropout while training. Load such checkpoints with
-:func:`quari.checkpoint.load_reference`.
+:func:`quari.checkpoint.load_reference`. At inference its V bank equals its U bank at every
+step, so the pass folds it away (``docs/method.md`` §3.5).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -34,9 +36,10 @@ from torch import nn
 
 from quari.adaptation import Adaptation
 from quari.errors import LimitError, QuARIInputError
+from quari.runtime import chunked
 from quari.validation import as_embeddings
 
-__all__ = ["HyperNetConfig", "QuARIModel"]
+__all__ = ["LINEAR_ROLES", "HyperNetConfig", "LinearFn", "QuARIModel"]
 
 Variant = Literal["paper", "reference"]
 Init = Literal["default", "identity"]
@@ -51,6 +54,17 @@ SIZE_CEILINGS: dict[str, int] = {
     "num_heads": 1024,
     "num_steps": 128,
 }
+
+#: An affine map x ↦ x Wᵀ + b of the inference pass (``F.linear`` with a layer's weights, or
+#: a runtime's reduced-precision or prepacked version of it).
+LinearFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: The affine maps of one transformer layer, by role: the fused Q/K/V projection, the
+#: attention output projection and the two feed-forward maps. They carry ≈97 % of the
+#: inference FLOPs (docs/method.md §3.5), so runtimes replace these (by
+#: :meth:`QuARIModel.transformer_linears` names) and keep the rest of the pass in fp32.
+LINEAR_ROLES = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
+
 # Per-variant defaults for the fields left as None in HyperNetConfig.
 _VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
     "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0},
@@ -201,6 +215,31 @@ def _mlp(width: int, out_dim: int, dropout: float, layer_norm: bool) -> nn.Seque
     )
 
 
+def _encoder_layer(
+    layer: nn.TransformerEncoderLayer,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    linears: tuple[LinearFn, LinearFn, LinearFn, LinearFn],
+) -> torch.Tensor:
+    """One pre-norm ``nn.TransformerEncoderLayer`` (GELU, eval mode) from its own weights.
+
+    The same arithmetic as the layer's forward, written out so that the attention can take
+    an additive bias on its logits (the folded bank, docs/method.md §3.5) and the affine
+    maps can be swapped for a runtime's versions (``linears``, in :data:`LINEAR_ROLES`
+    order). ``bias`` is (S,), added to every query token's logit of key token s.
+    """
+    B, S, H = x.shape
+    heads = layer.self_attn.num_heads
+    in_proj, out_proj, linear1, linear2 = linears
+    h = F.layer_norm(x, (H,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    qkv = in_proj(h).view(B, S, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
+    mask = None if bias is None else bias.to(qkv.dtype).view(1, 1, 1, S)
+    a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+    x = x + out_proj(a.transpose(1, 2).reshape(B, S, H))
+    h = F.layer_norm(x, (H,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    return x + linear2(F.gelu(linear1(h)))
+
+
 class QuARIModel(nn.Module):
     """The QuARI hypernetwork H_θ: q ↦ (q′, T) with T of rank ``config.rank`` (plus I).
 
@@ -222,6 +261,7 @@ class QuARIModel(nn.Module):
         #: Free-form facts saved with the model (encoder id, training data, metrics).
         self.metadata: dict[str, Any] = {}
         self._cuda_graphs: Any = None  # quari.kernels.graphs.GraphedForward when enabled
+        self._runtime: Any = None  # a quari.runtime.Runtime other than the eager default
         E, H, r = config.embedding_dim, config.hidden_dim, config.rank
         paper = config.variant == "paper"
 
@@ -272,8 +312,9 @@ class QuARIModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.config.embedding_dim
 
-    def _step_inputs(self, like: torch.Tensor) -> torch.Tensor:
-        """(L, 1 + 2r, H): what each step adds to the sequence [ctx; U bank; V bank].
+    def _step_inputs(self, like: torch.Tensor, banks: int) -> torch.Tensor:
+        """(L, 1 + banks·r, H): what each step adds to the sequence [ctx; U bank; V bank]
+        (``banks`` = 2) or, folded, [ctx; U bank] (``banks`` = 1).
 
         Row 0 is the step's code (plus, in the paper variant, the control token's position),
         rows 1.. the banks' positions. Built once per forward pass, so that a step costs one
@@ -283,12 +324,12 @@ class QuARIModel(nn.Module):
         r, L = self.config.rank, self.config.num_steps
         if self.config.variant == "paper":
             steps = self.step_embedding.weight + self.positions[0]
-            banks = self.positions[1:]
+            positions = self.positions[1:]
         else:
             steps = self.step_mlp(self.step_codes.to(like))
             shared = self.position_scale * self.positions[:r]
-            banks = torch.cat([shared, shared])
-        return torch.cat([steps[:, None], banks.to(like)[None].expand(L, -1, -1)], dim=1)
+            positions = torch.cat([shared] * banks)
+        return torch.cat([steps[:, None], positions.to(like)[None].expand(L, -1, -1)], dim=1)
 
     def forward(self, queries: torch.Tensor, *, normalize: bool = True) -> Adaptation:
         """Predicts the adapted query and the low-rank map for every query in the batch.
@@ -317,28 +358,101 @@ class QuARIModel(nn.Module):
             refined, U, V = graphs(q)
         else:
             q = as_embeddings(q, cfg.embedding_dim, "queries", normalize=normalize, dtype=None)
-            refined, U, V = self.predict_factors(q)
-        if cfg.variant == "paper":
-            return Adaptation(refined, U, V, normalized=True)
-        return Adaptation(refined, U, V, "reference", cfg.anchor_scale, normalized=True)
+            runtime = self._runtime
+            if runtime is not None and runtime.accepts(self, q):
+                refined, U, V = runtime(q)
+            elif not self.training and q.device.type == "cpu":
+                refined, U, V = chunked(self, self.predict_factors, q)  # large batches in chunks
+            else:
+                refined, U, V = self.predict_factors(q)
+        return self.to_adaptation(refined, U, V)
 
-    def predict_factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def to_adaptation(self, refined: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> Adaptation:
+        """The :class:`~quari.adaptation.Adaptation` of factors from :meth:`predict_factors`
+        (or a runtime): this model's variant and α attached, q′ taken as unit-norm."""
+        if self.config.variant == "paper":
+            return Adaptation(refined, U, V, normalized=True)
+        return Adaptation(refined, U, V, "reference", self.config.anchor_scale, normalized=True)
+
+    def predict_factors(
+        self,
+        q: torch.Tensor,
+        *,
+        fold: bool | None = None,
+        linears: Mapping[str, LinearFn] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The tensor computation of :meth:`forward` on checked queries, without validation:
         (q′ (B, E) unit-norm, U (B, E, r), V (B, E, r)).
 
-        For code that traces or captures the pass (CUDA graphs, ``torch.compile``, export);
-        everyone else calls the model, which checks and normalises the queries first.
+        For code that traces or captures the pass (CUDA graphs, ``torch.compile``, export,
+        the CPU runtimes of :mod:`quari.runtime`); everyone else calls the model, which
+        checks and normalises the queries first.
+
+        In training mode the pass runs ``self.transformer`` (dropout, token dropout). In
+        eval mode it runs the same layers from their weights (docs/method.md §3.5): the
+        same numbers to fp32 rounding, and in the reference variant the V bank — identical
+        to the U bank at every step — is folded into the U bank's attention weight instead
+        of being computed twice, which halves the work.
 
         Args:
             q: (B, E) queries, already checked (finite) and normalised as wanted.
+            fold: Eval mode only. ``None`` (default): fold the V bank whenever that is exact
+                (the reference variant); ``False``: run the full [ctx; U; V] sequence (the
+                check the tests compare against); ``True``: insist on folding.
+            linears: Eval mode only. Replacements for the transformer's affine maps, keyed
+                by :meth:`transformer_linears` names (a missing name keeps ``F.linear``).
+
+        Raises:
+            QuARIInputError: ``fold=True`` for the paper variant (its banks differ), or
+                ``fold``/``linears`` in training mode.
+
+        Example:
+            >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+            ...     num_layers=1, num_heads=2, num_steps=2, variant="reference")).eval()
+            >>> q = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+            >>> with torch.inference_mode():
+            ...     folded, full = model.predict_factors(q), model.predict_factors(q, fold=False)
+            >>> torch.allclose(folded[1], full[1], atol=1e-6)
+            True
         """
+        if self.training:
+            if fold is not None or linears is not None:
+                raise QuARIInputError(
+                    "fold and linears apply to the inference pass: call model.eval() first"
+                )
+            return self.transformer_factors(q)
+        return self._inference_factors(q, fold, linears or {})
+
+    def transformer_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The transformer's affine maps by name: ``{name: (weight (out, in), bias (out,))}``.
+
+        Names are ``"transformer.layers.{i}.{role}"`` for every role in
+        :data:`LINEAR_ROLES`; these are the keys :meth:`predict_factors` accepts in
+        ``linears``. The tensors are the live parameters (not copies).
+        """
+        out = {}
+        for i, layer in enumerate(self.transformer.layers):
+            for role in LINEAR_ROLES:
+                if role == "self_attn.in_proj":
+                    pair = (layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+                else:
+                    pair = (layer.get_submodule(role).weight, layer.get_submodule(role).bias)
+                out[f"transformer.layers.{i}.{role}"] = pair
+        return out
+
+    def transformer_factors(
+        self, q: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`predict_factors` through ``self.transformer`` as modules, [ctx; U; V] in
+        full: what training runs (dropout, token dropout); in eval mode the unfolded oracle
+        the inference pass is tested against and the benchmarks' "before" baseline."""
         cfg = self.config
         B, r = q.shape[0], cfg.rank
         ctx = self.query_encoder(q)
         # One state for the whole sequence: the control token and the two token banks (which
         # start at zero) are all updated residually by the same transformer output.
         state = torch.cat([ctx[:, None], ctx.new_zeros(B, 2 * r, cfg.hidden_dim)], dim=1)
-        step_inputs = self._step_inputs(ctx)
+        step_inputs = self._step_inputs(ctx, banks=2)
         keep = 1.0 - cfg.token_dropout
         for step in range(cfg.num_steps):
             state = state + self.transformer(state + step_inputs[step])
@@ -346,8 +460,60 @@ class QuARIModel(nn.Module):
                 drop_u = (torch.rand(B, r, 1, device=q.device) < keep).to(state.dtype)
                 drop_v = (torch.rand(B, r, 1, device=q.device) < keep).to(state.dtype)
                 state = state * torch.cat([drop_u.new_ones(B, 1, 1), drop_u, drop_v], dim=1)
-        ctx, u, v = state[:, 0], state[:, 1 : r + 1], state[:, r + 1 :]
+        return self._decode(q, state[:, 0], state[:, 1 : r + 1], state[:, r + 1 :])
 
+    def _inference_factors(
+        self, q: torch.Tensor, fold: bool | None, linears: Mapping[str, LinearFn]
+    ) -> tuple[torch.Tensor, ...]:
+        cfg = self.config
+        B, r = q.shape[0], cfg.rank
+        if fold is None:
+            fold = cfg.variant == "reference"
+        elif fold and cfg.variant != "reference":
+            raise QuARIInputError(
+                "fold=True needs the reference variant: the paper variant's U and V banks get "
+                "different positions and differ, so neither can stand for the other"
+            )
+        if not fold and not linears:
+            # Nothing to fold or swap: the module pass keeps PyTorch's fused inference kernels
+            # (as fast per token as the pass below, faster at large batches).
+            return self.transformer_factors(q)
+        banks = 1 if fold else 2
+        table = self.transformer_linears()
+        unknown = sorted(set(linears) - set(table))
+        if unknown:
+            raise QuARIInputError(
+                f"linears: unknown name(s) {unknown}; the names are transformer_linears()'s"
+            )
+        fns = {n: linears.get(n) or functools.partial(F.linear, weight=w, bias=b)
+               for n, (w, b) in table.items()}  # fmt: skip
+        maps = [tuple(fns[f"transformer.layers.{i}.{role}"] for role in LINEAR_ROLES)
+                for i in range(len(self.transformer.layers))]  # fmt: skip
+
+        ctx = self.query_encoder(q)
+        state = torch.cat([ctx[:, None], ctx.new_zeros(B, banks * r, cfg.hidden_dim)], dim=1)
+        step_inputs = self._step_inputs(ctx, banks)
+        bias = None
+        if fold:
+            # [ctx; U; V] with V = U: each U token's key and value appear twice, so the softmax
+            # over the full sequence equals one over [ctx; U] with log 2 added to the U logits;
+            # the V tokens' outputs equal the U tokens' (docs/method.md §3.5).
+            bias = torch.cat([ctx.new_zeros(1), ctx.new_full((r,), math.log(2.0))])
+        for step in range(cfg.num_steps):
+            x = state + step_inputs[step]
+            for layer, layer_maps in zip(self.transformer.layers, maps, strict=True):
+                x = _encoder_layer(layer, x, bias, layer_maps)
+            if self.transformer.norm is not None:
+                x = self.transformer.norm(x)
+            state = state + x
+        u = state[:, 1 : r + 1]
+        return self._decode(q, state[:, 0], u, u if fold else state[:, r + 1 :])
+
+    def _decode(
+        self, q: torch.Tensor, ctx: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q′, U, V) from the final control token and token banks."""
+        cfg = self.config
         lam = cfg.query_residual_weight
         refined = self.query_decoder(ctx)
         if lam:
@@ -416,7 +582,69 @@ class QuARIModel(nn.Module):
         """The captured batch sizes (empty when CUDA graphs are off)."""
         return () if self._cuda_graphs is None else self._cuda_graphs.batch_sizes
 
+    # -- CPU runtimes -----------------------------------------------------------------------------
+    def set_runtime(self, runtime: str = "eager", **options: Any) -> QuARIModel:
+        """Chooses how ``model(q)`` runs on CPU: ``"eager"`` (default, fp32, exact),
+        ``"compile"``, ``"onnx"`` (fp32), ``"bf16"``, ``"int8"`` (reduced precision) or
+        ``"auto"`` (the fastest that passes the quality guard, measured here; see
+        ``runtime_report``). Described in :mod:`quari.runtime`.
+
+        A runtime serves eval-mode, no-grad fp32 CPU queries; training, autograd and CUDA
+        run the eager pass. Non-eager runtimes copy the weights now: moving or casting the
+        model, ``train()`` and ``load_state_dict`` drop them; after editing weights in
+        place, set the runtime again.
+
+        Args:
+            runtime: One of :data:`quari.runtime.RUNTIMES`.
+            **options: The runtime's options (:func:`quari.runtime.build_runtime`).
+
+        Returns:
+            The model itself.
+
+        Raises:
+            QuARIInputError: an unknown runtime or option.
+            MissingDependencyError: the runtime's optional dependency is not installed.
+
+        Example:
+            >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+            ...                                   num_layers=1, num_heads=2)).eval()
+            >>> model.set_runtime("int8").runtime
+            'int8'
+        """
+        from quari.runtime import build_runtime
+
+        self._runtime = None
+        chosen = build_runtime(self, runtime, **options)
+        self._runtime = None if chosen.name == "eager" and chosen.report is None else chosen
+        return self
+
+    @property
+    def runtime(self) -> str:
+        """The name of the runtime that serves eval-mode CPU queries (``"eager"`` unless set)."""
+        return "eager" if self._runtime is None else self._runtime.name
+
+    @property
+    def runtime_report(self) -> dict[str, Any] | None:
+        """What ``set_runtime("auto")`` measured (guards, timings, the choice); else None."""
+        return None if self._runtime is None else self._runtime.report
+
+    def train(self, mode: bool = True) -> QuARIModel:
+        if mode:
+            self._runtime = None  # training changes the weights the runtime copied
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._runtime = None  # new weights: the runtime's copies would be stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles run eagerly: runtimes hold sessions and compiled code.
+        state = self.__dict__.copy()
+        state["_runtime"] = None
+        return state
+
     def _apply(self, fn, *args, **kwargs):
-        # .to(), .cuda(), .half() … replace the parameters that the graphs read: drop them.
+        # .to(), .cuda(), .half() … replace the parameters that the graphs and runtimes read.
         self._cuda_graphs = None
+        self._runtime = None
         return super()._apply(fn, *args, **kwargs)

@@ -31,8 +31,8 @@ from quari.adaptation import Adaptation
 from quari.adapters import CosineAdapter, QueryAdapter, adapter_device
 from quari.encoders import Encoder
 from quari.errors import QuARIInputError
-from quari.filters import parse_where
-from quari.index import CandidateIndex
+from quari.filters import parse_filter, to_expression
+from quari.index import CandidateIndex, RowFilter
 from quari.store import EmbeddingSet
 from quari.validation import as_embeddings, check_device, check_k
 
@@ -102,6 +102,12 @@ class Retriever:
             rows instead of through the index.
         scan_below: Without an index, sets of at most this many rows find their candidates by
             an exact scan (the same candidates a Flat index gives); larger sets need an index.
+        scan_engine: Where exact scans of more than ``exact_below`` rows run: ``"local"`` (this
+            process), ``"ray"`` (:class:`quari.scan_ray.RayScan` on a local or already joined
+            Ray cluster) or an engine object with that ``scan(eset, adaptation, k, rows=)``.
+        rescore_from: Where candidates' exact vectors come from: ``"set"`` (the set's own rows)
+            or ``"index"`` (the index's stored copies, e.g. a Milvus collection, for
+            deployments whose set files are remote; :meth:`CandidateIndex.fetch_vectors`).
 
     Example:
         >>> r = Retriever(eset, model, CandidateIndex.load(eset))  # doctest: +SKIP
@@ -120,6 +126,8 @@ class Retriever:
         batch_size: int = 32,
         exact_below: int = 50_000,
         scan_below: int = 250_000,
+        scan_engine: str | Any = "local",
+        rescore_from: Literal["set", "index"] = "set",
     ) -> None:
         self.device = check_device(device)
         if model is not None:
@@ -144,6 +152,12 @@ class Retriever:
         self.batch_size = batch_size
         self.exact_below = exact_below
         self.scan_below = scan_below
+        self.scan_engine = _scan_engine(scan_engine)
+        if rescore_from not in ("set", "index") or (rescore_from == "index" and index is None):
+            raise QuARIInputError(
+                f"rescore_from must be 'set' or 'index' (with an index), got {rescore_from!r}"
+            )
+        self.rescore_from = rescore_from
 
     # -- queries --------------------------------------------------------------------------------
     def encode(
@@ -289,10 +303,14 @@ class Retriever:
                 f"adaptation: {len(adaptation)} queries adapted, {q.shape[0]} queries given"
             )
         notes: list[str] = []
-        selection = None
+        selection = index_selection = None
         if where is not None:
-            expr = parse_where(where) if isinstance(where, str) else where
+            condition = parse_filter(where) if isinstance(where, str) else None
+            expr = to_expression(condition) if condition is not None else where
             selection = self.eset.select(expr)
+            # The index gets the parsed filter too: backends with their own engine (Milvus)
+            # filter by it rather than by a list of ids.
+            index_selection = RowFilter(selection, condition)
             if selection.size < k:
                 notes.append(
                     f"only {selection.size} rows pass the filter {expr}; fewer than k = {k} results"
@@ -321,7 +339,7 @@ class Retriever:
                 top_ids, top_scores = self._exact(ad, k, selection, timings)
             else:
                 top_ids, top_scores = self._via_index(
-                    ad, batch, k, mode, candidates, selection, timings
+                    ad, batch, k, mode, candidates, index_selection, timings
                 )
                 if selection is not None:
                     # A restrictive selector can leave queries short (HNSW graph or IVF probe
@@ -369,7 +387,12 @@ class Retriever:
         """Exact scan over the whole set, or over the selected rows."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            if selection is None:
+            if self.scan_engine is not None and (
+                selection is None or selection.size > self.exact_below
+            ):
+                top = self.scan_engine.scan(self.eset, ad, k, rows=selection)
+                out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
+            elif selection is None:
                 top = ad.scan(self.eset.iter_chunks(), k)
                 out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
             elif selection.size == 0:
@@ -388,7 +411,7 @@ class Retriever:
         k: int,
         mode: str,
         K: int,
-        selection: np.ndarray | None,
+        selection: RowFilter | None,
         timings: dict[str, float],
     ) -> tuple[np.ndarray, np.ndarray]:
         """Index candidates (on q, and on w for adaptive), then exact rescoring."""
@@ -404,16 +427,17 @@ class Retriever:
         valid = cand >= 0
         # Gathered in the set's own dtype (fp16 usually, fp32 sets exist): rescoring upcasts.
         vectors = np.zeros((*cand.shape, self.eset.dim), dtype=np.dtype(self.eset.dtype))
-        vectors[valid] = self.eset.gather(cand[valid])
+        if self.rescore_from == "index":
+            vectors[valid] = self.index.fetch_vectors(cand[valid])
+        else:
+            vectors[valid] = self.eset.gather(cand[valid])
         with torch.inference_mode():
             top = ad.rerank(torch.from_numpy(cand), torch.from_numpy(vectors), k)
         out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
         timings["rescore"] += time.perf_counter() - t1
         return out
 
-    def _candidates(
-        self, vectors: torch.Tensor, K: int, selection: np.ndarray | None
-    ) -> np.ndarray:
+    def _candidates(self, vectors: torch.Tensor, K: int, selection: RowFilter | None) -> np.ndarray:
         """(B, K) candidate row ids by inner product: from the index, or — for small sets
         without one — by an exact scan (unit-norm rows: the ranking of a Flat index)."""
         if self.index is not None:
@@ -422,8 +446,9 @@ class Retriever:
             ad = Adaptation.identity(vectors)
             if selection is None:
                 return _pad(ad.scan(self.eset.iter_chunks(), K).ids.numpy(), None, K)[0]
-            top = ad.scan(self.eset.iter_gathered(selection), K).ids.numpy()
-            return _pad(np.where(top >= 0, selection[np.maximum(top, 0)], -1), None, K)[0]
+            rows = selection.ids
+            top = ad.scan(self.eset.iter_gathered(rows), K).ids.numpy()
+            return _pad(np.where(top >= 0, rows[np.maximum(top, 0)], -1), None, K)[0]
 
     def _metadata(self, ids: np.ndarray, scores: np.ndarray) -> pa.Table:
         valid = ids >= 0
@@ -431,6 +456,21 @@ class Retriever:
         if "row" not in table.column_names:
             table = table.add_column(0, "row", pa.array(ids[valid]))
         return table.add_column(1, "score", pa.array(scores[valid], pa.float32()))
+
+
+def _scan_engine(engine: str | Any) -> Any:
+    """None for the local scan, else an object with ``scan(eset, adaptation, k, rows=)``."""
+    if engine == "local":
+        return None
+    if engine == "ray":
+        from quari.scan_ray import RayScan
+
+        return RayScan()
+    if isinstance(engine, str) or not callable(getattr(engine, "scan", None)):
+        raise QuARIInputError(
+            f"scan_engine must be 'local', 'ray' or a scan engine, got {engine!r}"
+        )
+    return engine
 
 
 def _check_encoder(what: str, encoder: str | None, eset: EmbeddingSet) -> None:

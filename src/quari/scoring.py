@@ -263,6 +263,11 @@ def as_plan(scorer: Any) -> ScoringPlan:
 class RunningTopK:
     """The best k (score, id) pairs per query seen so far, merged block by block.
 
+    Equal scores are ordered by id (lower first), and where equal scores straddle the k-th
+    place the lower ids are kept, so the result does not depend on how the candidates were
+    split into blocks or in which order the blocks were merged — a scan split over processes
+    (:mod:`quari.scan_ray`) returns exactly what one process returns.
+
     Args:
         batch: B, the number of queries.
         k: Results kept per query.
@@ -281,11 +286,30 @@ class RunningTopK:
             return
         merged_scores = torch.cat([self.scores, scores], dim=1)
         merged_ids = torch.cat([self.ids, ids], dim=1)
-        keep = torch.topk(merged_scores, min(self.k, merged_scores.shape[1]), dim=1)
+        k = min(self.k, merged_scores.shape[1])
+        keep = torch.topk(merged_scores, k, dim=1)
         self.scores, self.ids = keep.values, torch.gather(merged_ids, 1, keep.indices)
+        # torch.topk keeps an arbitrary subset of the scores tied with the k-th: where it left
+        # one out, redo those queries with the (score, id) order. Rare, so cheap.
+        cut = keep.values[:, -1:]
+        tied = (merged_scores == cut).sum(1) > (keep.values == cut).sum(1)
+        if tied.any():
+            rows = tied.nonzero()[:, 0]
+            order = _score_then_id(merged_scores[rows], merged_ids[rows])[:, :k]
+            self.scores[rows] = torch.gather(merged_scores[rows], 1, order)
+            self.ids[rows] = torch.gather(merged_ids[rows], 1, order)
 
     def result(self) -> TopK:
-        return TopK(self.ids, self.scores)
+        order = _score_then_id(self.scores, self.ids)
+        return TopK(torch.gather(self.ids, 1, order), torch.gather(self.scores, 1, order))
+
+
+def _score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Per row, the order by score (descending), then id (ascending; −1 padding last)."""
+    key = torch.where(ids < 0, torch.iinfo(torch.int64).max, ids)
+    by_id = torch.argsort(key, dim=1, stable=True)
+    by_score = torch.argsort(torch.gather(scores, 1, by_id), dim=1, descending=True, stable=True)
+    return torch.gather(by_id, 1, by_score)
 
 
 def checked_chunks(

@@ -1,7 +1,8 @@
 """The ``quari`` command line (typer). A thin layer: every command calls the library.
 
 Commands live in one module per area (``search.py``: sets, indexes, search; ``train.py``:
-mine, train; ``embed.py``: embedding and encoders); each registers on the shared :data:`app`.
+mine, train; ``embed.py``: embedding and encoders; ``eval.py``; ``serve.py``; ``demo.py``: the
+end-to-end demo); each registers on the shared :data:`app`.
 Errors are reported through :func:`friendly_errors` and the error table of :mod:`quari.errors`:
 a quari error prints one line naming the problem and exits with its kind's code (2 bad input,
 3 bad data, 4 model, 5 missing extra, 6 training stopped, 7 busy); anything unexpected prints a
@@ -97,16 +98,10 @@ def version() -> None:
     console.print(__version__)
 
 
-@app.command()
-def demo() -> None:
-    """Run the end-to-end demo on the embedded default (not yet available)."""
-    console.print("quari demo: not yet — the end-to-end demo lands with its own issue.")
-
-
 def main() -> None:
     """Console-script entry point."""
     app()
 
 
 # Command modules register themselves on `app` (imported last: they import from here).
-from quari.cli import embed, eval, search, serve, train  # noqa: E402, F401
+from quari.cli import demo, embed, eval, search, serve, train  # noqa: E402, F401

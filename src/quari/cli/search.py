@@ -35,28 +35,83 @@ def index_build(
         str,
         typer.Option(
             help="Backend spec: faiss:auto (factory by size), faiss:<factory> (e.g. "
-            "faiss:HNSW32); see `quari index backends`."
+            "faiss:HNSW32), milvus://HOST:PORT[/COLLECTION], milvus-lite:PATH.db[/COLLECTION]; "
+            "see `quari index backends`."
         ),
     ] = DEFAULT_SPEC,
     nprobe: Annotated[int, typer.Option(help="FAISS: IVF lists probed per query.")] = 32,
     ef_search: Annotated[int, typer.Option(help="FAISS: HNSW search breadth.")] = 256,
+    fields: Annotated[
+        str | None,
+        typer.Option(
+            help="Milvus: metadata columns to copy as scalar fields (comma-separated), so "
+            "--where filters on them run inside Milvus."
+        ),
+    ] = None,
+    milvus_index: Annotated[
+        str, typer.Option(help="Milvus: vector index (FLAT = exact, IVF_FLAT, HNSW, AUTOINDEX).")
+    ] = "AUTOINDEX",
+    milvus_params: Annotated[
+        str | None,
+        typer.Option(
+            help='Milvus: JSON {"index": {build params}, "search": {search params}}, e.g. '
+            '\'{"index": {"nlist": 1024}, "search": {"nprobe": 32}}\'.'
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="Milvus: drop and rebuild a collection quari built from another set."),
+    ] = False,
     update: Annotated[
         bool, typer.Option(help="Only add rows appended since the last build.")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
-    """Build (or update) the candidate index beside an embedding set."""
+    """Build (or update) the candidate index beside an embedding set.
+
+    A Milvus build that stops midway (a crash, Ctrl-C) resumes when run again.
+    """
     eset = EmbeddingSet.open(set_path)
     if update and CandidateIndex.exists(eset):
         index = CandidateIndex.load(eset, update=True)
         console.print(f"index {index.spec} over {index.rows:,} rows is up to date")
+        index.close()
         return
-    options = {"nprobe": nprobe, "ef_search": ef_search} if backend.startswith("faiss") else {}
+    if backend.startswith("faiss"):
+        options: dict = {"nprobe": nprobe, "ef_search": ef_search}
+    elif backend.startswith("milvus"):
+        params = _json_option("--milvus-params", milvus_params)
+        unknown = sorted(set(params) - {"index", "search"})
+        if unknown:
+            raise QuARIInputError(f"--milvus-params: unknown keys {unknown}; use index, search")
+        options = {
+            "fields": fields or "",
+            "index_type": milvus_index,
+            "index_params": params.get("index", {}),
+            "search_params": params.get("search", {}),
+            "overwrite": overwrite,
+        }
+    else:
+        options = {}
     index = CandidateIndex.build(eset, backend, progress=not quiet, **options)
     console.print(
         f"built {index.spec} over {index.rows:,} rows in "
         f"{index.info.get('build_seconds', 0):.1f} s (index/{index.name}.json)"
     )
+    index.close()
+
+
+def _json_option(name: str, text: str | None) -> dict:
+    """A JSON object given on the command line ({} when absent)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise QuARIInputError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise QuARIInputError(f"{name}: expected a JSON object, got {text!r}")
+    return value
 
 
 @index_app.command("backends")
@@ -137,6 +192,27 @@ def search(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     device: Annotated[str, typer.Option(help="Torch device for the model and scoring.")] = "cpu",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where exact scans run: local (this process) or ray (tasks over the set's "
+            "shards; extra [distributed])."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: cluster address (e.g. auto); default: a local Ray."),
+    ] = None,
+    ray_workers: Annotated[
+        int | None, typer.Option(help="--engine ray: tasks per scan (default: the cluster's CPUs).")
+    ] = None,
+    rescore_from: Annotated[
+        str,
+        typer.Option(
+            help="Where candidates' exact vectors come from: set (its fp16 files) or milvus "
+            "(the Milvus collection's copies, for a set whose files are remote)."
+        ),
+    ] = "set",
 ) -> None:
     """Search an embedding set with query embeddings, set rows, texts or images."""
     eset = EmbeddingSet.open(set_path)
@@ -167,12 +243,40 @@ def search(
     if (texts or images) and encoder is None:
         raise QuARIInputError("--text and --image need --encoder (the set's encoder spec)")
     query_encoder = load_encoder(encoder, EncoderConfig(device=device)) if encoder else None
+    if engine not in ("local", "ray"):
+        raise QuARIInputError(f"--engine must be local or ray, got {engine!r}")
+    if rescore_from not in ("set", "milvus"):
+        raise QuARIInputError(f"--rescore-from must be set or milvus, got {rescore_from!r}")
+    scan_engine: object = "local"
+    if engine == "ray":
+        from quari.scan_ray import RayScan, RayScanConfig
+
+        scan_engine = RayScan(RayScanConfig(address=ray_address, workers=ray_workers))
     quari_model = load_model(model) if model is not None else None
     index = CandidateIndex.load(eset) if mode != "scan" and CandidateIndex.exists(eset) else None
-    retriever = Retriever(eset, quari_model, index, encoder=query_encoder, device=device)
-    result = retriever.search(
-        queries, k, texts=texts, images=images, mode=mode, candidates=candidates, where=where
+    if rescore_from == "milvus" and (index is None or not index.backend.startswith("milvus")):
+        raise QuARIInputError(
+            "--rescore-from milvus needs a Milvus index beside the set (quari index build "
+            "--backend milvus…)"
+        )
+    retriever = Retriever(
+        eset,
+        quari_model,
+        index,
+        encoder=query_encoder,
+        device=device,
+        scan_engine=scan_engine,
+        rescore_from="index" if rescore_from == "milvus" else "set",
     )
+    try:
+        result = retriever.search(
+            queries, k, texts=texts, images=images, mode=mode, candidates=candidates, where=where
+        )
+    finally:
+        if index is not None:
+            index.close()
+        if engine == "ray":
+            scan_engine.close()
     records = result.to_records()
     if as_json:
         json.dump(

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from quari.embed.engine import ChunkBuffer, EmbedConfig, engine_for
+from quari.embed.engine import ChunkBuffer, EmbedConfig, Engine, engine_for
 from quari.embed.sources import Source, open_source
 from quari.encoders import Encoder, EncoderConfig, load_encoder
 from quari.fileio import atomic_write
@@ -167,6 +167,8 @@ def embed(
     encoder: Encoder | str = "offline",
     config: EmbedConfig | None = None,
     encoder_config: EncoderConfig | None = None,
+    *,
+    engine: Engine | None = None,
 ) -> EmbedResult:
     """Embeds every image of an input into an embedding set, resuming an interrupted run.
 
@@ -179,6 +181,9 @@ def embed(
             encoder made by ``load_encoder``, since each actor loads its own copy).
         config: Chunking, batching, workers, engine.
         encoder_config: Device, threads, fp16 (when ``encoder`` is a spec).
+        engine: An engine function to run instead of the one ``config.engine`` names (e.g. one
+            that fills the chunks with vectors computed earlier: ``quari encoders fit-offline
+            --write-set``); the set, its job file and its resumption are the job's as ever.
 
     Returns:
         An :class:`EmbedResult`.
@@ -189,7 +194,7 @@ def embed(
     """
     t0 = time.perf_counter()
     config = config or EmbedConfig()
-    run = engine_for(config.engine)
+    run = engine or engine_for(config.engine)
     src = source if isinstance(source, Source) else open_source(source)
     if not src.items:
         raise QuARIInputError(f"{src.location}: no images found")

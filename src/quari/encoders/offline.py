@@ -10,10 +10,10 @@
 and a linear *head* — ridge regression from the standardised image feature to the MiniLM
 embedding of the image's caption (a "locked tower" space: the text side is frozen and the image
 side is mapped into it). The head is fitted on captioned images you have (``quari encoders
-fit-offline``, :func:`fit_offline_head`) and saved as a small folder (``config.json`` +
-``head.safetensors``, ~2 MB). The shared space is 384-d and only as good as the captions the
-head saw: it knows ImageNet-like visual concepts and whatever the captions describe; it has none
-of CLIP's web-scale image–text alignment.
+fit-offline`` and :mod:`quari.encoders.offline_fit`, or :func:`fit_offline_head`) and saved as
+a small folder (``config.json`` + ``head.safetensors``, ~2 MB). The shared space is 384-d and
+only as good as the captions the head saw: it knows ImageNet-like visual concepts and whatever
+the captions describe; it has none of CLIP's web-scale image–text alignment.
 
 Spec strings: ``offline:<head-folder>``; a bare ``offline`` uses ``$QUARI_OFFLINE_HEAD`` or
 ``~/.cache/quari/offline-head`` (where ``fit-offline`` writes when no folder is named).
@@ -47,9 +47,10 @@ __all__ = [
     "OfflineEncoder",
     "OfflineHead",
     "OfflineTowers",
+    "batch_features",
     "default_head_dir",
+    "fit_head_to_captions",
     "fit_offline_head",
-    "fit_offline_head_from",
     "fit_ridge",
     "image_features",
     "offline_encoder_id",
@@ -375,84 +376,53 @@ def fit_offline_head(
     if len(images) != len(captions):
         raise QuARIInputError(f"fit: {len(images)} images but {len(captions)} captions")
     towers = towers or OfflineTowers(resolution, config)
-    return _fit(towers, image_features(towers, images), list(captions), out, alpha, note)
+    head, _ = fit_head_to_captions(
+        towers, image_features(towers, images), list(captions), out, alpha, note
+    )
+    return head
 
 
-def _fit(
+def fit_head_to_captions(
     towers: OfflineTowers,
     features: np.ndarray,
     captions: list[str],
-    out: str | os.PathLike[str] | None,
-    alpha: float | None,
-    note: str,
-) -> OfflineHead:
+    out: str | os.PathLike[str] | None = None,
+    alpha: float | None = None,
+    note: str = "",
+) -> tuple[OfflineHead, np.ndarray]:
+    """Embeds the captions with the text tower and fits (and saves) the head on ``features``.
+
+    Args:
+        towers: The loaded towers (``features`` were computed at their resolution).
+        features: (n, 1280) image features, one row per caption.
+        captions: The n captions.
+        out: Folder to save the head in (``None``: do not save).
+        alpha: Ridge penalty; ``None`` chooses by leave-one-out error.
+        note: Description of the fitting data.
+
+    Returns:
+        (the head, the captions' (n, 384) unit embeddings)
+    """
     with torch_threads(towers.config.threads):
         targets = towers.text_embeddings([str(c) for c in captions]).float().cpu().numpy()
     head = OfflineHead.fit(features, targets, resolution=towers.resolution, alpha=alpha, note=note)
     if out is not None:
         head.save(out)
-    return head
+    return head, targets
 
 
-def fit_offline_head_from(
-    location: str | os.PathLike[str],
-    out: str | os.PathLike[str] | None = None,
-    *,
-    resolution: int = 112,
-    alpha: float | None = None,
-    config: EncoderConfig | None = None,
-    path_column: str | None = None,
-    caption_column: str | None = None,
-    max_pixels: int | None = None,
-    progress: bool = False,
-) -> tuple[OfflineHead, list[tuple[str, str]]]:
-    """Fits the head on a captioned input of ``quari embed`` (a folder with ``.txt`` captions
-    beside the images, a CSV/parquet with path and caption columns, or webdataset shards),
-    decoding images safely and skipping bad ones.
-
-    Returns:
-        (the head, [(path, reason) of every skipped image])
-    """
-    from tqdm import tqdm
-
-    from quari.embed.images import DEFAULT_MAX_PIXELS, BadImage, load_image
-    from quari.embed.sources import open_source
-
-    source = open_source(location, path_column=path_column, caption_column=caption_column)
-    if not source.has_captions:
-        raise QuARIInputError(
-            f"fit-offline: {location} has no captions (a caption column, or .txt files beside "
-            "the images)"
-        )
-    towers = OfflineTowers(resolution, config)
-    captions_all = source.captions(list(range(len(source))))
-    feats, captions, skipped = [], [], []
-    step = towers.config.batch_size
-    for start in tqdm(range(0, len(source), step), disable=not progress, unit="batch"):
-        images = []
-        for k in range(start, min(start + step, len(source))):
-            item = source.items[k]
-            try:
-                images.append(load_image(item.read(), max_pixels=max_pixels or DEFAULT_MAX_PIXELS))
-                captions.append(captions_all[k])
-            except (BadImage, OSError) as exc:
-                skipped.append((item.path, str(exc)))
-        if images:
-            feats.append(image_features(towers, [d.image for d in images]))
-    if len(captions) < 2:
-        raise QuARIInputError(f"fit-offline: fewer than 2 usable captioned images in {location}")
-    note = f"fitted on {len(captions)} captioned images from {source.kind} {source.location}"
-    head = _fit(towers, np.concatenate(feats), captions, out, alpha, note)
-    return head, skipped
+def batch_features(towers: OfflineTowers, pixel_values: torch.Tensor) -> np.ndarray:
+    """(B, 1280) float32 EfficientNet features of a preprocessed (B, 3, r, r) batch."""
+    with torch_threads(towers.config.threads), torch.no_grad():
+        return towers.image_features(pixel_values).float().cpu().numpy()
 
 
 def image_features(towers: OfflineTowers, images: Sequence[Any]) -> np.ndarray:
     """(N, 1280) float32 EfficientNet features of PIL images, in batches."""
     step, out = towers.config.batch_size, []
-    with torch_threads(towers.config.threads), torch.no_grad():
-        for i in range(0, len(images), step):
-            batch = collate([towers.preprocessor(im) for im in images[i : i + step]])
-            out.append(towers.image_features(batch["pixel_values"]).float().cpu().numpy())
+    for i in range(0, len(images), step):
+        batch = collate([towers.preprocessor(im) for im in images[i : i + step]])
+        out.append(batch_features(towers, batch["pixel_values"]))
     return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
 
@@ -480,15 +450,25 @@ class OfflineEncoder(TorchEncoder):
     Args:
         head: Folder holding a fitted head; ``None`` for :func:`default_head_dir`.
         config: Device, threads, fp16, batch size.
+        towers: Towers already loaded at the head's resolution (saves loading them again).
     """
 
     def __init__(
-        self, head: str | os.PathLike[str] | None, config: EncoderConfig | None = None
+        self,
+        head: str | os.PathLike[str] | None,
+        config: EncoderConfig | None = None,
+        *,
+        towers: OfflineTowers | None = None,
     ) -> None:
         super().__init__(config or EncoderConfig())
         folder = Path(head).expanduser() if head else default_head_dir()
         self.head = OfflineHead.load(folder)
-        self.towers = OfflineTowers(self.head.resolution, self.config)
+        if towers is not None and towers.resolution != self.head.resolution:
+            raise EncoderError(
+                f"offline: towers at {towers.resolution} px for a head fitted at "
+                f"{self.head.resolution} px"
+            )
+        self.towers = towers or OfflineTowers(self.head.resolution, self.config)
         self.preprocessor = self.towers.preprocessor
         self.dim = TEXT_DIM
         digest = sha256_file(folder / HEAD_WEIGHTS)

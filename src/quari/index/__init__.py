@@ -2,7 +2,8 @@
 
 ``from quari.index import CandidateIndex`` is the entry point: ``CandidateIndex.build(eset,
 "faiss:auto")``, ``CandidateIndex.load(eset)``. See :mod:`quari.index.base` for the interface
-and the registry, :mod:`quari.index.faiss` for the default backend.
+and the registry, :mod:`quari.index.faiss` for the default backend, :mod:`quari.index.milvus`
+for Milvus servers and Milvus Lite.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 from quari.index.base import (
     DEFAULT_SPEC,
     CandidateIndex,
+    RowFilter,
     Selection,
     StaleIndexError,
     backend_for,
     list_backends,
     register_backend,
+    selected_rows,
 )
 from quari.index.faiss import FaissIndex, IndexConfig, choose_factory
 
@@ -23,10 +26,12 @@ __all__ = [
     "CandidateIndex",
     "FaissIndex",
     "IndexConfig",
+    "RowFilter",
     "Selection",
     "StaleIndexError",
     "backend_for",
     "choose_factory",
     "list_backends",
     "register_backend",
+    "selected_rows",
 ]

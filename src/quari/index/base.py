@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
 
@@ -38,22 +39,61 @@ import pyarrow.compute as pc
 
 from quari.errors import QuARIInputError, StoreError
 from quari.fileio import atomic_write, read_json
+from quari.filters import Node, to_expression
 from quari.store import EmbeddingSet
 
 __all__ = [
     "DEFAULT_SPEC",
     "CandidateIndex",
+    "RowFilter",
     "Selection",
     "StaleIndexError",
     "backend_for",
     "list_backends",
     "register_backend",
+    "selected_rows",
 ]
 
 DEFAULT_SPEC = "faiss:auto"
-#: Rows a search may be restricted to: sorted row ids, or a filter expression (a parsed
-#: ``--where`` string) that the backend evaluates or translates.
-Selection: TypeAlias = "np.ndarray | pc.Expression"
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A metadata filter in both forms a backend may use.
+
+    Attributes:
+        ids: Sorted global row ids that pass (what a local index filters by).
+        condition: The parsed ``--where`` filter (:func:`quari.filters.parse_filter`), for
+            backends that evaluate filters in their own engine; None when the filter was given
+            as a pyarrow expression.
+    """
+
+    ids: np.ndarray
+    condition: Node | None = None
+
+
+#: Rows a search may be restricted to: sorted row ids, a pyarrow filter expression, a parsed
+#: ``--where`` filter (a :mod:`quari.filters` tree), or a :class:`RowFilter` holding both the
+#: ids and the parsed filter (what the Retriever passes). Backends evaluate or translate it.
+Selection: TypeAlias = "np.ndarray | pc.Expression | Node | RowFilter"
+
+
+def selected_rows(eset: EmbeddingSet, selection: Selection | None) -> np.ndarray | None:
+    """The sorted row ids a selection stands for (None for no selection).
+
+    Example:
+        >>> selected_rows(eset, parse_filter("group == 2"))  # doctest: +SKIP
+        array([  3,   9, ...])
+    """
+    if selection is None:
+        return None
+    if isinstance(selection, RowFilter):
+        return selection.ids
+    if isinstance(selection, pc.Expression):
+        return eset.select(selection)
+    if isinstance(selection, np.ndarray):
+        return selection
+    return eset.select(to_expression(selection))
 
 
 class StaleIndexError(StoreError):
@@ -205,6 +245,22 @@ class CandidateIndex(ABC):
             ``(scores, ids)``, each (B, k) (float32, int64); missing results have id −1.
         """
 
+    def fetch_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors the index stores for ``ids`` (n,) → (n, E), for backends that keep
+        exact copies (rescoring where the set's files are not at hand).
+
+        Raises:
+            QuARIInputError: the backend keeps no exact vectors.
+        """
+        raise QuARIInputError(
+            f"the {self.backend!r} index backend does not return stored vectors; rescore "
+            "from the embedding set"
+        )
+
+    def close(self) -> None:
+        """Releases connections the backend holds (nothing for local files)."""
+        return None
+
     @abstractmethod
     def add_new_rows(self, progress: bool = True) -> int:
         """Adds the rows appended to the set since the index was built; returns how many."""
@@ -296,3 +352,13 @@ def backend_for(spec: str) -> tuple[type[CandidateIndex], str]:
 
 
 register_backend("faiss", "quari.index.faiss:FaissIndex", "FAISS on local disk (the default)")
+register_backend(
+    "milvus",
+    "quari.index.milvus:MilvusIndex",
+    "a Milvus server: milvus://HOST:PORT[/COLLECTION] ([milvus] extra)",
+)
+register_backend(
+    "milvus-lite",
+    "quari.index.milvus:MilvusLiteIndex",
+    "Milvus Lite, embedded: milvus-lite:PATH.db[/COLLECTION] ([milvus] extra)",
+)

@@ -29,13 +29,12 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from quari import __version__
 from quari.errors import QuARIInputError, StoreError
 from quari.fileio import atomic_write
-from quari.index.base import CandidateIndex, Selection, StaleIndexError
+from quari.index.base import CandidateIndex, Selection, StaleIndexError, selected_rows
 from quari.store import EmbeddingSet
 from quari.validation import as_embeddings, check_k
 
@@ -374,8 +373,7 @@ class FaissIndex(CandidateIndex):
     ) -> tuple[np.ndarray, np.ndarray]:
         k = check_k(k)
         q = as_embeddings(queries, self.eset.dim, "queries").numpy()
-        if isinstance(selection, pc.Expression):
-            selection = self.eset.select(selection)
+        selection = selected_rows(self.eset, selection)
         return faiss_search(
             self.index,
             q,

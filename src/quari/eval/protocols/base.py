@@ -508,7 +508,8 @@ class Evaluator(ABC):
                 where=where,
                 with_metadata=False,
             )
-            ids[part], scores[part] = result.ids, result.scores
+            width = result.ids.shape[1]  # min(k, rows): the retriever never pads past its set
+            ids[part, :width], scores[part, :width] = result.ids, result.scores
             for stage, seconds in result.timings.items():
                 stages[stage] = stages.get(stage, 0.0) + seconds
             bar.update(result.ids.shape[0])

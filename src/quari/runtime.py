@@ -1,0 +1,606 @@
+"""CPU runtimes of the hypernetwork's inference pass, and the quality guard that admits them.
+
+:meth:`quari.QuARIModel.set_runtime` picks how ``model(q)`` computes q′, U and V on a CPU:
+
+=========== ================================ ============================================
+name        arithmetic                       what runs
+=========== ================================ ============================================
+``eager``   fp32 (the default; exact)        PyTorch, the folded inference pass
+``compile`` fp32 (exact to rounding)         ``torch.compile`` (inductor) of that pass,
+                                             one compilation per batch size
+``onnx``    fp32 (exact to rounding)         ONNX Runtime on the exported pass (extra
+                                             ``onnx``; the export is cached on disk)
+``bf16``    bf16 transformer GEMMs           the pass with bf16 copies of the transformer's
+                                             weights; residual stream, norms, encoder and
+                                             decoders stay fp32 (pays on CPUs with
+                                             AVX512-BF16 / AMX)
+``int8``    int8 transformer GEMMs           PyTorch's dynamic int8 quantisation of the
+                                             transformer's linear maps (fbgemm / x86)
+``auto``    the fastest that passes          measured here, on this model
+=========== ================================ ============================================
+
+Reduced-precision runtimes change the numbers. :func:`quality_guard` measures how much: the
+top-k agreement of the gallery rankings with the fp32 pass and the largest score error.
+``auto`` (:func:`choose_runtime`) admits a reduced-precision runtime only with a top-10
+agreement of at least :data:`REQUIRED_AGREEMENT` on a planted probe set
+(:func:`probe_set`), and only if it is measured faster than ``eager`` on this machine; the
+chosen runtime and the measurements are in ``model.runtime_report``.
+
+Runtimes other than ``eager`` hold converted or exported copies of the weights, taken when
+the runtime is built. The model drops them (back to ``eager``) when it is moved or cast, put
+in training mode or given a new state dict; after changing weights in place, call
+``set_runtime`` again.
+
+Example:
+    >>> from quari import HyperNetConfig, QuARIModel
+    >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+    ...                                   num_layers=1, num_heads=2, num_steps=2)).eval()
+    >>> model.set_runtime("bf16").runtime
+    'bf16'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quari.errors import MissingDependencyError, QuARIInputError, missing_extra
+from quari.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from quari.hypernet import QuARIModel
+
+__all__ = [
+    "CHUNK_ROWS",
+    "REQUIRED_AGREEMENT",
+    "RUNTIMES",
+    "GuardReport",
+    "Runtime",
+    "build_runtime",
+    "cache_dir",
+    "choose_runtime",
+    "chunk_size",
+    "chunked",
+    "cpu_flags",
+    "has_native_bf16",
+    "probe_set",
+    "quality_guard",
+]
+
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "auto")
+
+#: Top-10 agreement with the fp32 pass that a reduced-precision runtime needs before ``auto``
+#: may choose it.
+REQUIRED_AGREEMENT = 0.99
+
+# How much faster than eager a candidate must measure before ``auto`` takes it (timings on a
+# shared machine wobble by a few per cent).
+_MIN_GAIN = 1.1
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that file does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16); elsewhere bf16
+    GEMMs are emulated and slower than fp32, so ``auto`` does not try them."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cache_dir() -> Path:
+    """Where exported artefacts are kept: ``$QUARI_CACHE_DIR``, else ``~/.cache/quari``."""
+    env = os.environ.get("QUARI_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "quari"
+
+
+#: Token rows (queries × sequence length) per chunk of a large batch: the activations of a
+#: chunk stay in cache, those of a whole large batch do not (bench_core: the pass ran ~1.5×
+#: slower per query at batch 256 than at batch 32 before chunking).
+CHUNK_ROWS = 2048
+
+
+def chunk_size(model: QuARIModel) -> int:
+    """The most queries one chunk of ``model``'s inference pass takes (≥ 1): about
+    :data:`CHUNK_ROWS` token rows (1 + r folded, 1 + 2r otherwise, per query)."""
+    cfg = model.config
+    tokens = 1 + (1 if cfg.variant == "reference" else 2) * cfg.rank
+    return max(1, CHUNK_ROWS // tokens)
+
+
+def chunked(model: QuARIModel, run, q: torch.Tensor):
+    """``run(q)`` → (q′, U, V) over near-equal chunks of at most :func:`chunk_size` queries,
+    concatenated (each query's outputs depend on that query alone, so this is exact)."""
+    batch, most = q.shape[0], chunk_size(model)
+    if batch <= most:
+        return run(q)
+    size = -(-batch // -(-batch // most))  # ceil(batch / chunks): no small remainder chunk
+    parts = [run(part) for part in q.split(size)]
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
+
+class Runtime:
+    """How a model's inference pass runs; built by :func:`build_runtime`.
+
+    Attributes:
+        name: One of :data:`RUNTIMES` (never ``"auto"``: that resolves to another).
+        exact: fp32 arithmetic, the eager numbers to rounding (``False``: reduced precision).
+    """
+
+    name = "eager"
+    exact = True
+    #: ``auto`` only: every candidate's guard report and timings (:func:`choose_runtime`).
+    report: dict[str, Any] | None = None
+
+    def __init__(self, model: QuARIModel) -> None:
+        self.model = model
+
+    def accepts(self, model: QuARIModel, q: torch.Tensor) -> bool:
+        """Whether this runtime serves checked queries ``q`` for ``model`` now: eval mode,
+        fp32 on the CPU, and no autograd (the eager pass serves everything else)."""
+        if model is not self.model or model.training:
+            return False
+        if q.device.type != "cpu" or q.dtype != torch.float32:
+            return False
+        return not torch.is_grad_enabled() or not (
+            q.requires_grad or any(p.requires_grad for p in model.parameters())
+        )
+
+    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q′, U, V) for checked, normalised (B, E) fp32 queries, in chunks of
+        :func:`chunk_size` queries."""
+        return chunked(self.model, self.run, q)
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q′, U, V) for one chunk of queries."""
+        return self.model.predict_factors(q)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready facts about this runtime."""
+        return {"runtime": self.name, "exact": self.exact}
+
+
+class CompiledRuntime(Runtime):
+    """``torch.compile`` (inductor, C++ on CPU) of the eager pass.
+
+    Each new batch size compiles once (tens of seconds for the paper-sized model on two
+    cores; inductor keeps its own on-disk cache) — after torch's recompile limit, further
+    sizes run eagerly. The weights stay the live parameters.
+    """
+
+    name = "compile"
+
+    def __init__(self, model: QuARIModel, *, dynamic: bool | None = False) -> None:
+        super().__init__(model)
+        self.dynamic = dynamic
+        self._compiled = torch.compile(model.predict_factors, dynamic=dynamic)
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._compiled(q)
+
+
+class _Bf16Linear:
+    """x ↦ x Wᵀ + b in bf16 (bf16 out): a weight copy taken once, the input cast per call."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.weight = weight.detach().to(torch.bfloat16)
+        self.bias = bias.detach().to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+
+
+class Bf16Runtime(Runtime):
+    """The eager pass with the transformer's GEMMs in bf16.
+
+    The transformer's four affine maps per layer (≈97 % of the FLOPs) read bf16 copies of
+    their weights and return bf16; the residual stream, LayerNorms, the query encoder and
+    the decoders stay fp32 (the residual sum promotes the bf16 updates back to fp32), so
+    q′, U and V come out fp32. The attention runs on the bf16 projections.
+    """
+
+    name = "bf16"
+    exact = False
+
+    def __init__(self, model: QuARIModel) -> None:
+        super().__init__(model)
+        self.linears = {n: _Bf16Linear(w, b) for n, (w, b) in model.transformer_linears().items()}
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.predict_factors(q, linears=self.linears)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "native_bf16": has_native_bf16()}
+
+
+class Int8Runtime(Runtime):
+    """The eager pass with the transformer's affine maps dynamically quantised to int8.
+
+    Weights: int8, one scale per output channel, taken once; activations: quantised per
+    call from their observed range (PyTorch's ``quantize_dynamic``, fbgemm / x86 kernels).
+    PyTorch has deprecated its eager quantisation in favour of torchao; where it is gone this
+    runtime raises :class:`~quari.errors.MissingDependencyError`.
+    """
+
+    name = "int8"
+    exact = False
+
+    def __init__(self, model: QuARIModel) -> None:
+        super().__init__(model)
+        try:
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        except ImportError as exc:  # pragma: no cover - depends on the torch release
+            raise MissingDependencyError(
+                f"runtime 'int8' needs torch.ao.quantization, which this torch "
+                f"({torch.__version__}) does not have: {exc}"
+            ) from exc
+        names, layers = [], nn.ModuleList()
+        for name, (w, b) in model.transformer_linears().items():
+            layer = nn.Linear(w.shape[1], w.shape[0])
+            layer.weight.data.copy_(w.detach())
+            layer.bias.data.copy_(b.detach())
+            names.append(name)
+            layers.append(layer)
+        with warnings.catch_warnings():
+            # The deprecation notice of torch.ao.quantization: stated in the docstring.
+            warnings.simplefilter("ignore")
+            quantised = quantize_dynamic(
+                layers, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8
+            )
+        self.linears = dict(zip(names, quantised, strict=True))
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.predict_factors(q, linears=self.linears)
+
+
+class _Exportable(nn.Module):
+    """The inference pass as a module with one input, for ``torch.onnx.export``."""
+
+    def __init__(self, model: QuARIModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.predict_factors(q)
+
+
+def model_fingerprint(model: QuARIModel) -> str:
+    """sha256 of the config, the weights and the versions an exported graph depends on."""
+    import quari
+
+    digest = hashlib.sha256()
+    facts = {
+        "config": model.config.to_dict(),
+        "quari": quari.__version__,
+        "torch": torch.__version__,
+    }
+    digest.update(json.dumps(facts, sort_keys=True).encode())
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime (CPU execution provider) on the exported fp32 pass.
+
+    The pass is exported with ``torch.onnx.export`` (batch size dynamic) to
+    ``cache_dir()/onnx/<fingerprint>.onnx`` — the fingerprint covers the config, the
+    weights and the quari/torch versions, so a changed model exports again — and loaded into
+    an ``InferenceSession`` with ``torch.get_num_threads()`` intra-op threads. ONNX Runtime
+    prepacks the weights once, which pays most at small batches.
+
+    Args:
+        model: The model (exported in eval mode).
+        cache: Folder of the exported graphs (default: ``cache_dir() / "onnx"``).
+        threads: Intra-op threads (default: ``torch.get_num_threads()``).
+
+    Raises:
+        MissingDependencyError: ``onnxruntime`` or ``onnx`` is not installed (extra ``onnx``).
+    """
+
+    name = "onnx"
+
+    def __init__(
+        self, model: QuARIModel, *, cache: Path | None = None, threads: int | None = None
+    ) -> None:
+        super().__init__(model)
+        try:
+            import onnx  # noqa: F401  (the exporter needs it)
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise missing_extra("runtime 'onnx'", "onnx", exc) from exc
+        folder = Path(cache) if cache is not None else cache_dir() / "onnx"
+        self.path = folder / f"{model_fingerprint(model)}.onnx"
+        self.exported = not self.path.is_file()
+        if self.exported:
+            self._export(model, self.path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+
+    @staticmethod
+    def _export(model: QuARIModel, path: Path) -> None:
+        was_training = model.training
+        model.eval()
+        example = torch.zeros(2, model.embedding_dim)
+        example[:, 0] = 1.0
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                program = torch.onnx.export(
+                    _Exportable(model).eval(),
+                    (example,),
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    input_names=["queries"],
+                    output_names=["refined_query", "U", "V"],
+                    verbose=False,
+                )
+        finally:
+            model.train(was_training)
+        proto = program.model_proto.SerializeToString()
+        atomic_write(path, lambda f: f.write(proto))
+
+    def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self._session.run(None, {"queries": q.detach().contiguous().numpy()})
+        refined, U, V = (torch.from_numpy(x) for x in out)
+        return refined, U, V
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": str(self.path), "exported_now": self.exported}
+
+
+_BUILDERS: dict[str, type[Runtime]] = {
+    "eager": Runtime,
+    "compile": CompiledRuntime,
+    "onnx": OnnxRuntime,
+    "bf16": Bf16Runtime,
+    "int8": Int8Runtime,
+}
+
+
+def build_runtime(model: QuARIModel, name: str = "eager", **options: Any) -> Runtime:
+    """Builds runtime ``name`` for ``model`` (see the module docstring for the names).
+
+    Args:
+        model: The model.
+        name: One of :data:`RUNTIMES`.
+        **options: Passed on: ``compile``: ``dynamic``; ``onnx``: ``cache``, ``threads``;
+            ``auto``: the keyword arguments of :func:`choose_runtime`.
+
+    Returns:
+        The runtime (``auto``: the chosen one, with its report in ``.report``).
+
+    Raises:
+        QuARIInputError: an unknown name or option.
+        MissingDependencyError: the runtime's optional dependency is missing.
+    """
+    if name == "auto":
+        return choose_runtime(model, **options)
+    if name not in _BUILDERS:
+        raise QuARIInputError(f"runtime must be one of {RUNTIMES}, got {name!r}")
+    try:
+        return _BUILDERS[name](model, **options)
+    except TypeError as exc:
+        if options:
+            raise QuARIInputError(
+                f"runtime {name!r}: bad options {sorted(options)} ({exc})"
+            ) from exc
+        raise
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """How far a runtime's rankings are from the fp32 pass (:func:`quality_guard`).
+
+    Attributes:
+        runtime: The runtime's name.
+        queries: Number of queries compared.
+        gallery: Number of gallery items ranked per query.
+        k: The cut-off.
+        top_k_agreement: Mean over queries of |top-k(fp32) ∩ top-k(runtime)| / k.
+        min_top_k_agreement: The worst query's overlap.
+        max_score_error: Largest |score(runtime) − score(fp32)| over all pairs.
+        passed: ``top_k_agreement`` ≥ the required agreement.
+    """
+
+    runtime: str
+    queries: int
+    gallery: int
+    k: int
+    top_k_agreement: float
+    min_top_k_agreement: float
+    max_score_error: float
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def quality_guard(
+    model: QuARIModel,
+    runtime: Runtime,
+    queries: Any,
+    gallery: Any,
+    *,
+    k: int = 10,
+    required: float = REQUIRED_AGREEMENT,
+) -> GuardReport:
+    """Compares a runtime's rankings with the fp32 eager pass on queries and a gallery.
+
+    Both passes score the whole gallery exactly (:meth:`Adaptation.score`); the report holds
+    the mean and worst top-k overlap and the largest score difference.
+
+    Args:
+        model: The model (its eager pass is the reference).
+        runtime: The runtime to check (built for ``model``).
+        queries: (B, E) query embeddings (normalised here).
+        gallery: (N, E) gallery embeddings, N ≥ k.
+        k: Cut-off of the agreement.
+        required: Agreement needed for ``passed``.
+
+    Returns:
+        A :class:`GuardReport`.
+    """
+    from quari.validation import as_embeddings, check_k
+
+    E = model.embedding_dim
+    q = as_embeddings(queries, E, "queries", normalize=True)
+    d = as_embeddings(gallery, E, "gallery")
+    k = check_k(k)
+    if k > d.shape[0]:
+        raise QuARIInputError(f"the gallery has {d.shape[0]} rows, fewer than k = {k}")
+    with torch.inference_mode():
+        want = model.to_adaptation(*model.predict_factors(q)).score(d)
+        got = model.to_adaptation(*runtime(q)).score(d)
+    top_want = torch.topk(want, k, dim=1).indices.numpy()
+    top_got = torch.topk(got, k, dim=1).indices.numpy()
+    overlap = np.array(
+        [len(np.intersect1d(a, b)) / k for a, b in zip(top_want, top_got, strict=True)]
+    )
+    agreement = float(overlap.mean())
+    return GuardReport(
+        runtime=runtime.name,
+        queries=q.shape[0],
+        gallery=d.shape[0],
+        k=k,
+        top_k_agreement=agreement,
+        min_top_k_agreement=float(overlap.min()),
+        max_score_error=float((got - want).abs().max()),
+        passed=agreement >= required,
+    )
+
+
+def probe_set(dim: int, *, queries: int = 64, gallery: int = 2000, seed: int = 0):
+    """Planted caption queries and an image gallery of dimension ``dim`` (the guard's probe).
+
+    Clusters of images whose identity lives in a cluster-specific subspace
+    (:class:`quari.eval.synthetic.PlantedSpec`), so a gallery has near neighbours whose order
+    depends on small score differences, as real galleries do.
+
+    Returns:
+        (queries (Q, dim), gallery (N, dim)) float32 unit rows.
+    """
+    from quari.eval.synthetic import PlantedSpec, planted_pairs
+
+    cluster_dim = max(2, dim // 12)
+    spec = PlantedSpec(
+        dim=dim,
+        clusters=max(2, gallery // 200),
+        cluster_dim=cluster_dim,
+        subspace_dim=max(1, min(32, (dim - cluster_dim) // 4)),
+        seed=seed,
+    )
+    data = planted_pairs(spec, gallery, seed=seed + 1)
+    return data.texts[:queries], data.images
+
+
+def _median_ms(fn, q: torch.Tensor, repeats: int) -> float:
+    fn(q)  # warm-up (first-call allocations)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def choose_runtime(
+    model: QuARIModel,
+    *,
+    candidates: tuple[str, ...] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    repeats: int = 3,
+    probe: tuple[Any, Any] | None = None,
+) -> Runtime:
+    """``auto``: the fastest runtime on this machine that keeps the fp32 rankings.
+
+    Each candidate is built, checked by :func:`quality_guard` on ``probe`` (reduced precision
+    needs :data:`REQUIRED_AGREEMENT`) and timed against ``eager`` at ``batch_sizes``
+    (median of ``repeats``, on the probe queries). The winner has the best geometric-mean
+    speed-up, if that is at least 1.1×; otherwise ``eager`` stays.
+
+    Args:
+        model: The model.
+        candidates: Runtimes to try. Default: ``bf16`` where the CPU has bf16 instructions,
+            ``onnx`` where ONNX Runtime is installed (its first export takes a while;
+            ``compile`` and ``int8`` are only used when named).
+        batch_sizes: Batch sizes to time.
+        repeats: Timed calls per batch size.
+        probe: (queries, gallery) for the guard (default: :func:`probe_set`).
+
+    Returns:
+        The chosen runtime; ``.report`` holds every candidate's guard and timings.
+    """
+    if candidates is None:
+        candidates = ("bf16",) if has_native_bf16() else ()
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            candidates += ("onnx",)
+    unknown = sorted(set(candidates) - set(_BUILDERS))
+    if unknown:
+        raise QuARIInputError(f"auto: unknown candidate runtime(s) {unknown}")
+    queries, gallery = probe if probe is not None else probe_set(model.embedding_dim)
+    from quari.validation import as_embeddings
+
+    q = as_embeddings(queries, model.embedding_dim, "probe queries", normalize=True)
+    batches = {b: q[torch.arange(b) % q.shape[0]] for b in batch_sizes}
+    eager = Runtime(model)
+    report: dict[str, Any] = {"candidates": {}, "batch_sizes": list(batch_sizes)}
+    with torch.inference_mode():
+        base = {b: _median_ms(eager, x, repeats) for b, x in batches.items()}
+    report["eager_ms"] = base
+    best, best_gain = eager, 1.0
+    for name in candidates:
+        if name == "eager":
+            continue
+        entry: dict[str, Any] = {}
+        report["candidates"][name] = entry
+        try:
+            runtime = build_runtime(model, name)
+        except Exception as exc:  # a missing extra, a failed compile: not a candidate
+            entry["error"] = f"{type(exc).__name__}: {exc}"
+            continue
+        guard = quality_guard(model, runtime, queries, gallery)
+        entry["guard"] = guard.to_dict()
+        if not runtime.exact and not guard.passed:
+            continue
+        with torch.inference_mode():
+            ms = {b: _median_ms(runtime, x, repeats) for b, x in batches.items()}
+        gain = math.exp(statistics.fmean(math.log(base[b] / ms[b]) for b in batch_sizes))
+        entry.update(ms=ms, speedup=gain)
+        if gain >= _MIN_GAIN and gain > best_gain:
+            best, best_gain = runtime, gain
+    report["chosen"] = best.name
+    best.report = report
+    return best

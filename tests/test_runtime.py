@@ -1,0 +1,227 @@
+"""CPU runtimes (quari.runtime): golden outputs per runtime, the quality guard, ``auto``."""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from quari import QuARIInputError, QuARIModel
+from quari.checkpoint import load_reference
+from quari.errors import MissingDependencyError
+from quari.runtime import (
+    REQUIRED_AGREEMENT,
+    Runtime,
+    build_runtime,
+    choose_runtime,
+    probe_set,
+    quality_guard,
+)
+
+from helpers import tiny_config
+
+# Stated tolerances of the reduced-precision runtimes on the reference fixture (largest score
+# and q′ error against the golden fp32 outputs); measured 1.1e-3 (bf16) and 3.9e-3 (int8).
+REDUCED_TOLERANCE = {"bf16": 5e-3, "int8": 1.5e-2}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    from helpers import FIXTURE
+
+    data = np.load(FIXTURE / "golden.npz")
+    return {key: data[key] for key in data}
+
+
+@pytest.fixture(scope="module")
+def fixture_model():
+    from helpers import FIXTURE
+
+    return load_reference(FIXTURE)
+
+
+def _outputs(model: QuARIModel, golden) -> tuple[np.ndarray, np.ndarray]:
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(golden["queries"]))
+        return ad.refined_query.numpy(), ad.score(golden["gallery"]).numpy()
+
+
+def _top10_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    top_a, top_b = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top_a, top_b, strict=True)]))
+
+
+@pytest.mark.parametrize("name", ["eager", "bf16", "int8"])
+def test_runtime_reproduces_the_golden_fixture(fixture_model, golden, name):
+    model = copy.deepcopy(fixture_model).set_runtime(name)
+    assert model.runtime == name
+    refined, scores = _outputs(model, golden)
+    tol = REDUCED_TOLERANCE.get(name, 1e-5)
+    np.testing.assert_allclose(refined, golden["refined_query"], atol=tol)
+    np.testing.assert_allclose(scores, golden["scores"], atol=tol)
+    assert _top10_agreement(scores, golden["scores"]) == 1.0
+    if name != "eager":  # reduced precision really ran: not bit-identical to fp32
+        assert np.abs(scores - golden["scores"]).max() > 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_runtime_reproduces_the_golden_fixture(fixture_model, golden):
+    model = copy.deepcopy(fixture_model).set_runtime("compile")
+    refined, scores = _outputs(model, golden)
+    np.testing.assert_allclose(refined, golden["refined_query"], atol=1e-5)
+    np.testing.assert_allclose(scores, golden["scores"], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.mark.slow
+def test_onnx_runtime_reproduces_the_golden_fixture_and_caches_its_export(
+    fixture_model, golden, onnx_cache
+):
+    model = copy.deepcopy(fixture_model).set_runtime("onnx", cache=onnx_cache)
+    first = model._runtime
+    assert first.exported and first.path.parent == onnx_cache
+    refined, scores = _outputs(model, golden)
+    np.testing.assert_allclose(refined, golden["refined_query"], atol=1e-5)
+    np.testing.assert_allclose(scores, golden["scores"], atol=1e-5)
+    # Any batch size (the export's batch axis is dynamic).
+    with torch.inference_mode():
+        one = model(torch.from_numpy(golden["queries"][2:3])).score(golden["gallery"]).numpy()
+    np.testing.assert_allclose(one[0], golden["scores"][2], atol=1e-5)
+    # The same weights load the cached graph; other weights get their own.
+    again = build_runtime(copy.deepcopy(fixture_model), "onnx", cache=onnx_cache)
+    assert not again.exported and again.path == first.path
+    other = copy.deepcopy(fixture_model)
+    with torch.no_grad():
+        other.query_decoder[0].bias.add_(0.1)
+    assert build_runtime(other, "onnx", cache=onnx_cache).path != first.path
+
+
+def test_onnx_runtime_names_its_extra_when_missing(fixture_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'quari\[onnx\]'"):
+        build_runtime(fixture_model, "onnx")
+
+
+def test_runtime_serves_only_eval_no_grad_cpu_queries(monkeypatch):
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval().set_runtime("bf16")
+    calls, original = [], type(model._runtime).__call__
+    monkeypatch.setattr(
+        type(model._runtime), "__call__", lambda self, q: calls.append(len(q)) or original(self, q)
+    )
+    q = torch.randn(3, 24)
+    with torch.inference_mode():
+        model(q)
+    assert calls == [3]
+    model(q)  # autograd on (the parameters require grad): the eager pass
+    model.train()(q)
+    assert calls == [3]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.train(),
+        lambda m: m.load_state_dict(m.state_dict()),
+        lambda m: m.to(torch.float64),
+    ],
+)
+def test_weight_changes_drop_the_runtime(change):
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval().set_runtime("int8")
+    change(model)
+    assert model.runtime == "eager"
+
+
+def test_copies_run_eagerly_and_bad_names_are_refused(fixture_model):
+    model = copy.deepcopy(fixture_model).set_runtime("bf16")
+    assert copy.deepcopy(model).runtime == "eager" and model.runtime == "bf16"
+    with pytest.raises(QuARIInputError, match="runtime must be one of"):
+        model.set_runtime("fp8")
+    with pytest.raises(QuARIInputError, match=r"bad options \['colour'\]"):
+        model.set_runtime("bf16", colour="red")
+
+
+class _Shuffled(Runtime):
+    """A deliberately wrong runtime: every query gets the next query's adaptation."""
+
+    name, exact = "shuffled", False
+
+    def __call__(self, q):
+        return tuple(t.roll(1, dims=0) for t in self.model.predict_factors(q))
+
+
+def test_quality_guard_measures_agreement_and_score_error(fixture_model):
+    queries, gallery = probe_set(48, queries=16, gallery=300)
+    same = quality_guard(fixture_model, Runtime(fixture_model), queries, gallery)
+    assert (same.top_k_agreement, same.max_score_error, same.passed) == (1.0, 0.0, True)
+    bad = quality_guard(fixture_model, _Shuffled(fixture_model), queries, gallery)
+    # Oracle: the overlaps and errors computed here from the two passes' scores.
+    q = torch.nn.functional.normalize(torch.from_numpy(queries), dim=-1)
+    with torch.inference_mode():
+        want = fixture_model.to_adaptation(*fixture_model.predict_factors(q))
+        want = want.score(gallery).numpy()
+    with torch.inference_mode():
+        got = fixture_model.to_adaptation(*_Shuffled(fixture_model)(q)).score(gallery).numpy()
+    assert bad.top_k_agreement == pytest.approx(_top10_agreement(want, got))
+    assert bad.max_score_error == pytest.approx(np.abs(got - want).max(), rel=1e-6)
+    assert bad.top_k_agreement < REQUIRED_AGREEMENT and not bad.passed
+    with pytest.raises(QuARIInputError, match="fewer than k = 10"):
+        quality_guard(fixture_model, Runtime(fixture_model), queries, gallery[:5])
+
+
+def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model, monkeypatch):
+    import quari.runtime as rt
+
+    probe = probe_set(48, queries=16, gallery=300)
+    monkeypatch.setitem(rt._BUILDERS, "shuffled", _Shuffled)
+    speed = {"eager": 10.0, "shuffled": 1.0, "bf16": 4.0, "int8": 9.5}
+    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name])
+    # The wrong runtime is fastest but fails the guard; int8 passes but gains < 1.1×.
+    chosen = choose_runtime(fixture_model, candidates=("shuffled", "int8", "bf16"), probe=probe)
+    assert chosen.name == "bf16"
+    report = chosen.report
+    assert not report["candidates"]["shuffled"]["guard"]["passed"]
+    assert "ms" not in report["candidates"]["shuffled"]
+    assert report["candidates"]["bf16"]["speedup"] == pytest.approx(2.5)
+    speed["bf16"] = 9.8
+    model = copy.deepcopy(fixture_model)
+    model.set_runtime("auto", candidates=("int8", "bf16"), probe=probe)
+    assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
+
+
+@pytest.mark.parametrize("name", ["eager", "bf16"])
+def test_large_batches_run_in_near_equal_chunks(monkeypatch, name):
+    import quari.runtime as rt
+
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()  # 1 + r = 5 token rows per query
+    q = torch.nn.functional.normalize(torch.randn(11, 24), dim=-1)
+    runtime = build_runtime(model, name)
+    with torch.inference_mode():
+        whole = runtime.run(q)
+    monkeypatch.setattr(rt, "CHUNK_ROWS", 20)  # at most 4 queries per chunk
+    assert rt.chunk_size(model) == 4
+    sizes, run = [], runtime.run
+    monkeypatch.setattr(runtime, "run", lambda part: sizes.append(len(part)) or run(part))
+    with torch.inference_mode():
+        parts = runtime(q)
+    assert sizes == [4, 4, 3]
+    for a, b in zip(parts, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    if name == "eager":  # the model's own default path chunks the same way
+        spy, predict = [], model.predict_factors
+        monkeypatch.setattr(
+            model, "predict_factors", lambda part: spy.append(len(part)) or predict(part)
+        )
+        with torch.inference_mode():
+            model(q)
+        assert spy == [4, 4, 3]
