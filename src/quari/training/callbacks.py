@@ -305,6 +305,10 @@ def _print_line(text: str) -> None:
     print(text, flush=True)
 
 
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 class GracefulStop(Callback):
     """SIGINT/SIGTERM: save a resumable checkpoint, then stop (module docstring).
 
@@ -321,7 +325,8 @@ class GracefulStop(Callback):
         self, checkpoints: RunCheckpoints, echo: Callable[[str], None] | None = None
     ) -> None:
         self.checkpoints = checkpoints
-        self.echo = echo or (lambda text: print(text, file=sys.stderr, flush=True))
+        # A module-level function, not a lambda: DDP spawn pickles the callbacks.
+        self.echo = echo or _to_stderr
         self.signum: int | None = None
         self.phase = "idle"
         self._previous: dict[int, Any] = {}

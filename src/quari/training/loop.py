@@ -222,9 +222,7 @@ def _describe(data: TrainingData, config: TrainConfig) -> dict[str, Any]:
             if config.noise == "relative"
             else f"the paper's, {config.noise_scale:g}·U[0,1]·N(0, I)"
         )
-    length = (
-        f"{config.max_steps:,} steps" if config.max_steps else f"{config.max_epochs} epochs"
-    )
+    length = f"{config.max_steps:,} steps" if config.max_steps else f"{config.max_epochs} epochs"
     return {
         "encoder": data.encoder,
         "data": " + ".join(parts),

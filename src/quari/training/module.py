@@ -120,9 +120,7 @@ class QuARITrainingModule(L.LightningModule):
         cfg = self.config
         queries = batch["query"]
         if cfg.noise_scale:
-            queries = add_query_noise(
-                queries, cfg.noise_scale, relative=cfg.noise == "relative"
-            )
+            queries = add_query_noise(queries, cfg.noise_scale, relative=cfg.noise == "relative")
         adaptation = self.model(queries, normalize=False)
         size, rank = world()
         B = queries.shape[0]
