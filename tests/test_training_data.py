@@ -54,10 +54,15 @@ def test_presets_fill_unset_fields_only(tmp_path):
         "reference", False, "relative",
     )  # fmt: skip
     assert (default.hidden_dim, default.num_layers, default.rank, default.batch_size) == (
-        256, 2, 32, 128,
+        128, 2, 16, 128,
     )  # fmt: skip
+    assert (default.token_dropout, default.relevance_negatives, default.image_queries) == (
+        0.0, True, 0.0,
+    )  # fmt: skip
+    assert (paper.token_dropout, paper.relevance_negatives) == (None, False)
     model = default.model_config(64)
     assert (model.init, model.normalize_factors, model.anchor_scale) == ("identity", False, 1.0)
+    assert model.token_dropout == 0.0
     ref = config(tmp_path, "s", preset="reference", variant="paper", lr=1e-3)
     assert (ref.lr, ref.schedule, ref.variant) == (1e-3, "onecycle", "paper")
     assert TrainConfig.from_dict(ref.to_dict()) == ref

@@ -137,6 +137,35 @@ def test_validation_by_a_relevance_column_matches_brute_force(tmp_path):
         TrainingData.from_config(cfg.with_(relevance_key=("colour",)))
 
 
+def test_training_batches_carry_the_relevance_key_and_mask_by_it(tmp_path):
+    """Each pair's ``relevance`` equals its row's cluster (numbered consistently); the module
+    masks exactly the caption pairs of equal cluster (and only captions: image queries keep
+    every negative)."""
+    from quari.training.data import PairBatches
+    from quari.training.module import QuARITrainingModule
+
+    labelled_set(tmp_path / "set")
+    cfg = TrainConfig(
+        train=(TrainSource(tmp_path / "set"),), out=tmp_path / "run", image_key="image_id",
+        relevance_key="cluster", relevance_negatives=True, val_fraction=0.3, semipos=False,
+        progress=False, rank=4, hidden_dim=16, num_layers=1, num_heads=2, num_steps=1,
+    )  # fmt: skip
+    data = TrainingData.from_config(cfg)
+    batch = PairBatches(data, batch_size=16)[0, 0]
+    eset = data.open(tmp_path / "set")
+    cluster = np.asarray(eset.metadata(batch["row"].numpy())["cluster"].to_pylist())
+    same = cluster[:, None] == cluster[None, :]
+    assert np.array_equal(same, (batch["relevance"][:, None] == batch["relevance"]).numpy())
+    assert same.sum() > 16  # the batch holds repeats, so the check has teeth
+    module = QuARITrainingModule(cfg.model_config(SPEC.dim).to_dict(), cfg.to_dict())
+    captioned = torch.arange(16) % 3 != 0
+    mask = module.in_batch_false_negatives(batch, captioned).numpy()
+    both = captioned.numpy()[:, None] & captioned.numpy()[None, :]
+    assert np.array_equal(mask, same & both)
+    with pytest.raises(QuARIInputError, match="image_queries"):
+        cfg.with_(image_queries=1.5)
+
+
 def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(tmp_path):
     labelled_set(tmp_path / "set")
     cfg = TrainConfig(

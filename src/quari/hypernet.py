@@ -388,7 +388,8 @@ class QuARIModel(nn.Module):
         the CPU runtimes of :mod:`quari.runtime`); everyone else calls the model, which
         checks and normalises the queries first.
 
-        In training mode the pass runs ``self.transformer`` (dropout, token dropout). In
+        In training mode the pass runs ``self.transformer`` (dropout, token dropout), except
+        in the reference variant without any dropout, where it runs the folded pass below. In
         eval mode it runs the same layers from their weights (docs/method.md §3.5): the
         same numbers to fp32 rounding, and in the reference variant the V bank — identical
         to the U bank at every step — is folded into the U bank's attention weight instead
@@ -420,8 +421,16 @@ class QuARIModel(nn.Module):
                 raise QuARIInputError(
                     "fold and linears apply to the inference pass: call model.eval() first"
                 )
+            if self._fold_in_training():
+                # Without dropout of any kind the banks stay identical while training too, and
+                # the folded pass is differentiable: the same loss and gradient at half the cost.
+                return self._inference_factors(q, True, {})
             return self.transformer_factors(q)
         return self._inference_factors(q, fold, linears or {})
+
+    def _fold_in_training(self) -> bool:
+        cfg = self.config
+        return cfg.variant == "reference" and cfg.token_dropout == 0 and cfg.dropout == 0
 
     def transformer_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The transformer's affine maps by name: ``{name: (weight (out, in), bias (out,))}``.

@@ -64,8 +64,10 @@ def train_command(
     relevance_key: Annotated[
         str | None,
         typer.Option(
-            help="Metadata column(s), comma-separated, that decide relevance in validation (an "
-            "image is relevant when all are equal, e.g. label); default: the caption's own image."
+            help="Metadata column(s), comma-separated, that decide relevance (an image is "
+            "relevant when all are equal, e.g. label): validation and the 'best' export use it, "
+            "and the default recipe does not push same-key images apart; default: the "
+            "caption's own image."
         ),
     ] = None,
     val_fraction: Annotated[float, typer.Option(help="Images held out for validation.")] = 0.05,
@@ -98,6 +100,28 @@ def train_command(
     ] = None,
     noise_scale: Annotated[
         float | None, typer.Option(help="Query-noise scale σ (default: preset's).")
+    ] = None,
+    image_queries: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of pairs asked with their own (noised) image instead of the "
+            "caption (default: preset's; 0 = captions only, as the paper)."
+        ),
+    ] = None,
+    relevance_negatives: Annotated[
+        bool | None,
+        typer.Option(
+            "--relevance-negatives/--no-relevance-negatives",
+            help="With --relevance-key: in-batch images sharing a caption's key are not its "
+            "negatives (default: preset's — on in the default recipe).",
+        ),
+    ] = None,
+    false_negative_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Mask in-batch images whose caption has at least this cosine to the "
+            "query's caption (default: preset's; 0 = off, as the paper)."
+        ),
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Pairs per device per step (default: preset's; linear: 128).")
@@ -189,6 +213,9 @@ def train_command(
         semipos=not no_semipos,
         noise=noise,
         noise_scale=0.0 if no_noise else noise_scale,
+        image_queries=image_queries,
+        false_negative_threshold=false_negative_threshold,
+        relevance_negatives=relevance_negatives,
         batch_size=batch_size,
         lr=lr,
         max_steps=max_steps,

@@ -36,7 +36,7 @@ __all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "device_kind"]
 SHAPES: dict[str, dict[str, int]] = {
     "paper": {"rank": 64, "hidden_dim": 512, "num_layers": 4, "num_heads": 8, "num_steps": 4,
               "batch_size": 320},
-    "cpu": {"rank": 32, "hidden_dim": 256, "num_layers": 2, "num_heads": 4, "num_steps": 2,
+    "cpu": {"rank": 16, "hidden_dim": 128, "num_layers": 2, "num_heads": 4, "num_steps": 2,
             "batch_size": 128},
 }  # fmt: skip
 
@@ -52,6 +52,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "init": "identity",
         "normalize_factors": False,
         "anchor_scale": 1.0,
+        "token_dropout": 0.0,
+        "image_queries": 0.0,
+        "relevance_negatives": True,
+        "false_negative_threshold": 0.0,
         "noise": "relative",
         "noise_scale": 0.5,
         "shape": "device",
@@ -63,6 +67,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variant": "paper",
         "init": "default",
         "normalize_factors": True,
+        "image_queries": 0.0,
+        "relevance_negatives": False,
+        "false_negative_threshold": 0.0,
         "noise": "paper",
         "noise_scale": 1.0,
         "shape": "paper",
@@ -74,6 +81,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "variant": "reference",
         "init": "default",
         "normalize_factors": True,
+        "image_queries": 0.0,
+        "relevance_negatives": False,
+        "false_negative_threshold": 0.0,
         "noise": "paper",
         "noise_scale": 1.0,
         "shape": "paper",
@@ -154,6 +164,10 @@ class TrainConfig:
             backbone; :class:`~quari.hypernet.HyperNetConfig`).
         normalize_factors: Frobenius-normalise U and V (reference variant).
         anchor_scale: α in T = I + α U Vᵀ (reference variant; None: the variant's 0.8).
+        query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q) (None: the variant's).
+        token_dropout: Zeroing probability of U/V tokens while training (None: the variant's;
+            0 in the default recipe, where the reference variant then trains with the folded
+            V bank at half the cost).
         rank, hidden_dim, num_layers, num_heads, num_steps, dropout: Model shape
             (:class:`~quari.hypernet.HyperNetConfig`); ``num_steps=1`` is the "w/o iterative
             generation" ablation. Default: the preset's :data:`SHAPES` entry.
@@ -170,6 +184,12 @@ class TrainConfig:
         epoch_pairs: Training pairs per epoch (default: all training pairs once).
         temperature: τ of the contrastive loss.
         semipos: Use semi-positives (False is the "w/o semi-positives" ablation).
+        image_queries: Share of training pairs whose query is the pair's own image embedding
+            (noised like every query) instead of its caption; 0 = captions only (the paper).
+        false_negative_threshold: Mask in-batch images whose caption's cosine to the query's
+            caption is at least this (likely relevant, not negatives); 0 = off (the paper).
+        relevance_negatives: With ``relevance_key``: in-batch images sharing the caption's
+            relevance key are not its negatives (they are relevant by the user's definition).
         mining: How semi-positives are mined (mined on first use if missing).
         normalize_targets: Renormalise each query's target row (1 + Σw) to sum to 1.
         noise: ``"paper"``: q + σ·s·ε, ε ~ N(0, I_E), ‖noise‖ ≈ σ·s·√E (the paper's Eq. 8);
@@ -198,7 +218,7 @@ class TrainConfig:
         >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"),
         ...                   accelerator="cpu")
         >>> cfg.preset, cfg.variant, cfg.init, cfg.hidden_dim, cfg.batch_size
-        ('default', 'reference', 'identity', 256, 128)
+        ('default', 'reference', 'identity', 128, 128)
         >>> TrainConfig(train=cfg.train, out=cfg.out, preset="paper").lr
         1e-05
     """
@@ -215,6 +235,8 @@ class TrainConfig:
     init: Literal["default", "identity"] | None = None
     normalize_factors: bool | None = None
     anchor_scale: float | None = None
+    query_residual_weight: float | None = None
+    token_dropout: float | None = None
     rank: int | None = None
     hidden_dim: int | None = None
     num_layers: int | None = None
@@ -233,6 +255,9 @@ class TrainConfig:
     epoch_pairs: int | None = None
     temperature: float = 0.07
     semipos: bool = True
+    image_queries: float | None = None
+    relevance_negatives: bool | None = None
+    false_negative_threshold: float | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
     normalize_targets: bool = False
     noise: Literal["paper", "relative"] | None = None
@@ -314,6 +339,9 @@ class TrainConfig:
         for name in ("min_lr", "weight_decay", "grad_clip", "noise_scale"):
             if not getattr(self, name) >= 0:
                 raise QuARIInputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("image_queries", "false_negative_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise QuARIInputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.num_workers < 0:
             raise QuARIInputError(f"num_workers must be ≥ 0, got {self.num_workers}")
         self.model_config(8 * self.rank)  # shape checks (heads divide width …) fail early
@@ -330,6 +358,8 @@ class TrainConfig:
             dropout=self.dropout,
             variant=self.variant,
             anchor_scale=self.anchor_scale if self.variant == "reference" else None,
+            query_residual_weight=self.query_residual_weight,
+            token_dropout=self.token_dropout,
             normalize_factors=self.normalize_factors,
             init=self.init,
         )

@@ -55,6 +55,8 @@ class Source:
         ratio: Mixture ratio (None: proportional to size).
         semipos_ids / semipos_weights: (rows, P) mined semi-positives, or None.
         semipos_valid: (rows, P) bool — the id exists and is not a validation image.
+        relevance: (rows,) int64 key of the ``relevance_key`` columns (equal across sets for
+            equal values), or None without a relevance key.
     """
 
     path: Path
@@ -65,6 +67,7 @@ class Source:
     semipos_ids: np.ndarray | None = None
     semipos_weights: np.ndarray | None = None
     semipos_valid: np.ndarray | None = None
+    relevance: np.ndarray | None = None
 
     @property
     def images(self) -> int:
@@ -105,6 +108,26 @@ def _check_columns(eset: EmbeddingSet, columns: tuple[str, ...], what: str) -> N
         raise QuARIInputError(
             f"{eset.root}: no metadata column {missing[0]!r} ({what}); columns: {names}"
         )
+
+
+def _attach_relevance(
+    sources: list[Source], sets: dict[Path, EmbeddingSet], key: tuple[str, ...]
+) -> None:
+    """Sets every source's ``relevance``: one int per distinct value combination of the
+    ``key`` columns, numbered over all sources together."""
+    combined = []
+    for source in sources:
+        eset = sets[source.path]
+        _check_columns(eset, key, "--relevance-key")
+        table = eset.metadata(np.arange(eset.rows), list(key))
+        columns = [table.column(name).to_pylist() for name in key]
+        combined.append(["\x1f".join(map(str, v)) for v in zip(*columns, strict=True)])
+    _, keys = np.unique(np.concatenate([np.asarray(c, dtype=object) for c in combined]).astype(str),
+                        return_inverse=True)  # fmt: skip
+    start = 0
+    for source, values in zip(sources, combined, strict=True):
+        source.relevance = keys[start : start + len(values)].astype(np.int64)
+        start += len(values)
 
 
 def _split_groups(n_groups: int, fraction: float, seed: int) -> np.ndarray:
@@ -232,6 +255,7 @@ class TrainingData:
         if config.relevance_key is not None:
             for part in val_parts:
                 _check_columns(sets[part.path], config.relevance_key, "--relevance-key")
+            _attach_relevance(sources, sets, config.relevance_key)
         return cls(
             sources,
             val,
@@ -432,7 +456,8 @@ class PairBatches(Dataset):
         epoch_pairs: Pairs per epoch (default: every training pair once).
 
     Each item is a dict of tensors: ``query`` (B, E) unit caption embeddings, ``image`` (B, E),
-    ``group`` (B,) global image ids, ``source``/``row`` (B,) where the pair came from, and with
+    ``group`` (B,) global image ids, ``source``/``row`` (B,) where the pair came from, with a
+    relevance key ``relevance`` (B,) the pairs' keys (:attr:`Source.relevance`), and with
     semi-positives ``semipos`` (B, P, E), ``semipos_weights`` (B, P), ``semipos_valid`` (B, P).
     """
 
@@ -499,6 +524,8 @@ class PairBatches(Dataset):
         query = np.empty((B, E), dtype=np.float32)
         image = np.empty((B, E), dtype=np.float32)
         group = np.empty(B, dtype=np.int64)
+        relevance = np.empty(B, dtype=np.int64)
+        has_relevance = self.data.sources[0].relevance is not None
         semi = self.data.sources[0].semipos_ids is not None
         if semi:
             P = self.data.sources[0].semipos_ids.shape[1]
@@ -513,6 +540,8 @@ class PairBatches(Dataset):
             query[sel] = eset.gather(rows, "text")
             image[sel] = eset.gather(rows, "image")
             group[sel] = source.groups[rows] + self._group_offsets[int(s)]
+            if has_relevance:
+                relevance[sel] = source.relevance[rows]
             if semi:
                 semipos[sel] = eset.gather(source.semipos_ids[rows], "image")
                 weights[sel] = source.semipos_weights[rows]
@@ -525,6 +554,8 @@ class PairBatches(Dataset):
             "source": torch.from_numpy(src.astype(np.int64)),
             "row": torch.from_numpy(row.astype(np.int64)),
         }
+        if has_relevance:
+            batch["relevance"] = torch.from_numpy(relevance)
         if semi:
             batch["semipos"] = torch.from_numpy(semipos)
             batch["semipos_weights"] = torch.from_numpy(weights)

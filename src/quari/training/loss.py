@@ -112,6 +112,7 @@ def quari_loss(
     semipos_weights: torch.Tensor | None = None,
     semipos_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    false_negatives: torch.Tensor | None = None,
     offset: int = 0,
     temperature: float = 0.07,
     normalize_targets: bool = False,
@@ -129,6 +130,9 @@ def quari_loss(
             out for validation). Default: all valid.
         groups: (N,) image identities; columns whose id equals the positive's are masked
             (other captions of the same image). Default: every column a distinct image.
+        false_negatives: (B, N) bool; True masks image j out of query i's softmax and query
+            i out of image j's (likely relevant, e.g. described by a near-identical caption).
+            The positive itself is never masked.
         offset: Row of this rank's first query's image in ``images`` (rank · B).
         temperature: τ (paper: 0.07).
         normalize_targets: Divide each query→image target row by its sum (1 + Σw); the
@@ -179,8 +183,17 @@ def quari_loss(
         col = torch.arange(logits.shape[1], device=device)
         masked = torch.zeros_like(logits, dtype=torch.bool)
         same_image = None
-        if groups is not None:
-            same_image = groups[local][:, None] == groups[None, :]
+        if groups is not None or false_negatives is not None:
+            same_image = torch.zeros(B, N, dtype=torch.bool, device=device)
+            if groups is not None:
+                same_image |= groups[local][:, None] == groups[None, :]
+            if false_negatives is not None:
+                if false_negatives.shape != (B, N):
+                    raise QuARIInputError(
+                        f"false_negatives must be (B, N) = ({B}, {N}), got "
+                        f"{tuple(false_negatives.shape)}"
+                    )
+                same_image |= false_negatives.to(device=device, dtype=torch.bool)
             same_image &= local[:, None] != torch.arange(N, device=device)[None, :]
             masked[:, :N] = same_image
         targets = (col[None, :] == local[:, None]).float()

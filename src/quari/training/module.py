@@ -119,6 +119,12 @@ class QuARITrainingModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         cfg = self.config
         queries = batch["query"]
+        pick = torch.zeros(queries.shape[0], 1, dtype=torch.bool, device=queries.device)
+        if cfg.image_queries > 0:
+            # QuARI serves image queries too: a share of the pairs asks with the (noised)
+            # image itself, whose positive is that image among the in-batch distractors.
+            pick = torch.rand(queries.shape[0], 1, device=queries.device) < cfg.image_queries
+            queries = torch.where(pick, batch["image"].to(queries.dtype), queries)
         if cfg.noise_scale:
             queries = add_query_noise(queries, cfg.noise_scale, relative=cfg.noise == "relative")
         adaptation = self.model(queries, normalize=False)
@@ -132,6 +138,7 @@ class QuARITrainingModule(L.LightningModule):
             semipos_weights=batch["semipos_weights"] if semi else None,
             semipos_valid=batch["semipos_valid"] if semi else None,
             groups=gather_cat(batch["group"]),
+            false_negatives=self.in_batch_false_negatives(batch, ~pick[:, 0]),
             offset=rank * B,
             temperature=cfg.temperature,
             normalize_targets=cfg.normalize_targets,
@@ -148,6 +155,28 @@ class QuARITrainingModule(L.LightningModule):
         self.log("train/negatives", float(out.width), **log)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
         return out.loss
+
+    def in_batch_false_negatives(
+        self, batch: dict[str, torch.Tensor], captioned: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(B, N) in-batch images that are most likely relevant to query i, masked out of the
+        softmax instead of pushed away: for a caption query (``captioned``), images with the
+        same relevance key (``relevance_key``: the user's own definition of relevant) and
+        images whose caption nearly repeats query i's (cosine of the clean caption
+        embeddings ≥ ``false_negative_threshold``). An image query keeps every other image
+        as a negative (its task is the instance)."""
+        cfg = self.config
+        out = None
+        if cfg.relevance_negatives and "relevance" in batch:
+            out = batch["relevance"][:, None] == gather_cat(batch["relevance"])[None, :]
+        if cfg.false_negative_threshold:
+            captions = batch["query"].float()
+            similar = captions @ gather_cat(captions).T >= cfg.false_negative_threshold
+            out = similar if out is None else out | similar
+        if out is None:
+            return None
+        # Symmetric (the image→query term reads it transposed): both pairs asked by caption.
+        return out & captioned[:, None] & gather_cat(captioned)[None, :]
 
     def compute_loss(self, adaptation: Adaptation, images: torch.Tensor, **kwargs: Any) -> Any:
         """The loss of one batch (:func:`quari.training.loss.quari_loss`)."""
