@@ -135,13 +135,13 @@ def test_sigterm_on_the_command_line_exits_within_seconds_and_resume_finishes(tm
     args = ["train", "--train", str(tmp_path / "set"), "--out", str(tmp_path / "run"),
             "--image-key", "image_id", "--val-fraction", "0.2", "--rank", "4", "--hidden-dim",
             "16", "--layers", "1", "--heads", "2", "--steps", "2", "--batch-size", "8",
-            "--max-steps", "400", "--val-every", "1000", "--log-every", "10", "--lr", "1e-3",
+            "--max-steps", "200", "--val-every", "1000", "--log-every", "10", "--lr", "1e-3",
             "--checkpoint-every", "100000"]  # fmt: skip
     proc = _cli(args)
     lines = []
     for line in proc.stdout:  # wait until training is under way
         lines.append(line)
-        if line.startswith("step 20/400"):
+        if line.startswith("step 20/200"):
             break
     else:
         pytest.fail("no progress lines:\n" + "".join(lines))
@@ -160,13 +160,13 @@ def test_sigterm_on_the_command_line_exits_within_seconds_and_resume_finishes(tm
     assert "ETA" in text and "Epoch" not in text and "/-" not in text
     assert "SIGTERM: stopped at step" in text and "--resume" in text
     stopped = load(next((tmp_path / "run" / "checkpoints").glob("step-*")))
-    assert 20 <= stopped.metadata["steps"] < 400
+    assert 20 <= stopped.metadata["steps"] < 200
 
     resumed = _cli([*args, "--resume"])
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert "trained 400 steps" in out
-    assert (tmp_path / "run" / "checkpoints" / "step-00000400").is_dir()
+    assert "trained 200 steps" in out
+    assert (tmp_path / "run" / "checkpoints" / "step-00000200").is_dir()
 
 
 def test_checkpoints_by_time(tmp_path, monkeypatch):

@@ -4,8 +4,10 @@
 (``docs/results.md``, quality section). The model starts *exactly* at the frozen backbone
 (``HyperNetConfig(variant="reference", normalize_factors=False, init="identity")``: q′ = q,
 T = I + α U Vᵀ with U = 0), the query noise is relative to the unit query (‖noise‖ ≈ σ·s
-instead of σ·s·√E), AdamW with linear warm-up and a cosine decay. Its size follows the device:
-on a CPU a small model (:data:`SHAPES` ``"cpu"``), on a GPU the paper's.
+instead of σ·s·√E), AdamW with linear warm-up and a cosine decay, no token dropout (training
+then folds the V bank: half the cost), and — with a ``relevance_key`` — in-batch images sharing
+a caption's key are not treated as its negatives. Its size follows the device: on a CPU a
+small model (:data:`SHAPES` ``"cpu"``), on a GPU the paper's.
 
 ``preset="paper"``: the paper's recipe for faithful reproduction — AdamW (weight decay 1e-2),
 learning rate 1e-5 with linear warm-up and a cosine decay to 2e-7, gradient clipping 1.0, batch
