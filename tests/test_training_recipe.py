@@ -177,6 +177,7 @@ def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(
     result = train(cfg)
     card = (cfg.out / "README.md").read_text()
     assert "preset default" in card and "query noise relative" in card
+    assert "negatives: in-batch images of another cluster" in card
     assert "initialisation | the frozen backbone (q′ = q, T = I)" in card
     assert "T = I + 1·U Vᵀ (rank 4)" in card
     assert "relevance: same cluster" in card and "60 images" not in card

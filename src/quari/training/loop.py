@@ -223,6 +223,12 @@ def _describe(data: TrainingData, config: TrainConfig) -> dict[str, Any]:
             else f"the paper's, {config.noise_scale:g}·U[0,1]·N(0, I)"
         )
     length = f"{config.max_steps:,} steps" if config.max_steps else f"{config.max_epochs} epochs"
+    negatives = "every other in-batch image"
+    if config.relevance_negatives and config.relevance_key:
+        negatives = f"in-batch images of another {'/'.join(config.relevance_key)}"
+    if config.false_negative_threshold:
+        negatives += f", captions at cosine < {config.false_negative_threshold:g}"
+    extra = f"; {100 * config.image_queries:g} % image queries" if config.image_queries else ""
     return {
         "encoder": data.encoder,
         "data": " + ".join(parts),
@@ -234,7 +240,8 @@ def _describe(data: TrainingData, config: TrainConfig) -> dict[str, Any]:
             f"preset {config.preset}; AdamW (weight decay {config.weight_decay:g}), {schedule}; "
             f"batch {config.batch_size} × {config.devices * config.num_nodes} device(s); "
             f"{length}; τ {config.temperature:g}; semi-positives "
-            f"{'on' if config.semipos else 'off'}; query noise {noise}; seed {config.seed}"
+            f"{'on' if config.semipos else 'off'}; negatives: {negatives}{extra}; query noise "
+            f"{noise}; seed {config.seed}"
         ),
     }
 
