@@ -278,3 +278,40 @@ def test_linears_replace_the_transformer_maps_by_name():
     assert _max_diff(plain, swapped) > 1e-4
     with pytest.raises(QuARIInputError, match=r"unknown name\(s\) \['transformer.layers.9"):
         model.predict_factors(q, linears={"transformer.layers.9.linear1": doubled})
+
+
+def test_training_without_dropout_runs_the_folded_pass_with_the_same_gradients():
+    """Reference variant, no dropout of any kind: training folds the V bank (half the work);
+    loss and every parameter gradient equal the full [ctx; U; V] module pass's."""
+    torch.manual_seed(0)
+    cfg = HyperNetConfig(embedding_dim=24, rank=4, hidden_dim=16, num_layers=2, num_heads=2,
+                         num_steps=2, variant="reference", token_dropout=0.0)  # fmt: skip
+    model = QuARIModel(cfg).train()
+    q = torch.nn.functional.normalize(torch.randn(5, 24), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(7, 24), dim=-1)
+
+    def grads(factors):
+        model.zero_grad()
+        refined, U, V = factors
+        loss = model.to_adaptation(refined, U, V).score(d).square().sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    calls = []
+    hook = model.transformer.register_forward_hook(lambda *a: calls.append(1))
+    folded_loss, folded = grads(model.predict_factors(q))
+    assert calls == []  # the folded pass runs the layers from their weights
+    full_loss, full = grads(model.transformer_factors(q))
+    assert calls == [1, 1]  # once per refinement step
+    hook.remove()
+    torch.testing.assert_close(folded_loss, full_loss, atol=1e-5, rtol=1e-5)
+    assert len(folded) == len(full)
+    for a, b in zip(folded, full, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # With token dropout the banks differ: training keeps the full pass (random masks).
+    dropping = QuARIModel(HyperNetConfig(**{**cfg.to_dict(), "token_dropout": 0.5})).train()
+    torch.manual_seed(1)
+    a = dropping.predict_factors(q)[1]
+    torch.manual_seed(1)
+    b = dropping.transformer_factors(q)[1]
+    torch.testing.assert_close(a, b)

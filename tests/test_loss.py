@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from quari import Adaptation
 from quari.training.loss import add_query_noise, quari_loss
+from quari.validation import QuARIInputError
 
 
 def leaf_adaptation(B, E, r, variant, seed):
@@ -20,8 +21,9 @@ def leaf_adaptation(B, E, r, variant, seed):
     return q, U, V, Adaptation(q, U, V, variant, ad.anchor_scale)
 
 
-def naive_loss(ad, images, semipos, weights, valid, groups, offset, tau, normalize):
-    """Eq. 9–10 with A3, written the slow obvious way: dense T_i, one cosine at a time."""
+def naive_loss(ad, images, semipos, weights, valid, groups, offset, tau, normalize, mask=None):
+    """Eq. 9–10 with A3, written the slow obvious way: dense T_i, one cosine at a time.
+    ``mask[a][b]``: query/image a and image/query b are not each other's negatives."""
     T = ad.dense()
     q = F.normalize(ad.refined_query, dim=-1)
     B, N = len(ad), images.shape[0]
@@ -37,6 +39,8 @@ def naive_loss(ad, images, semipos, weights, valid, groups, offset, tau, normali
         for j in range(N):
             if groups is not None and j != me and groups[j] == groups[me]:
                 continue  # the same image under another caption: not a negative
+            if mask is not None and j != me and mask[i][j]:
+                continue
             logits.append(cos(i, images[j]) / tau)
             targets.append(1.0 if j == me else 0.0)
         for p in range(semipos.shape[1] if semipos is not None else 0):
@@ -53,6 +57,8 @@ def naive_loss(ad, images, semipos, weights, valid, groups, offset, tau, normali
         logits, target = [], None
         for k in range(N):
             if groups is not None and k != me and groups[k] == groups[me]:
+                continue
+            if mask is not None and k != me and mask[j][k]:
                 continue
             if k == me:
                 target = len(logits)
@@ -104,6 +110,31 @@ def test_loss_and_gradients_match_the_naive_reference(variant, normalize):
     assert abs(out.loss.item() - want.item()) < 1e-5 * max(1.0, abs(want.item()))
     for got, exp in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_false_negatives_leave_both_softmaxes_like_the_naive_reference():
+    """A symmetric (B, N) mask drops those columns from query i's softmax and those queries
+    from image j's; the diagonal (each pair's own positive) is never dropped."""
+    B, E, r = 6, 10, 3
+    q, U, V, ad = leaf_adaptation(B, E, r, "reference", seed=3)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(B, E, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, B, generator=g) < 0.4
+    mask = mask | mask.T
+    mask[0, 0] = True  # must be ignored
+    out = quari_loss(ad, images, false_negatives=mask)
+    grads = torch.autograd.grad(out.loss, (q, U, V))
+    q2, U2, V2, ad2 = leaf_adaptation(B, E, r, "reference", seed=3)
+    set_all_queries([ad2])
+    want = naive_loss(ad2, images, None, None, None, None, 0, 0.07, False, mask=mask.tolist())
+    want_grads = torch.autograd.grad(want, (q2, U2, V2))
+    assert abs(out.loss.item() - want.item()) < 1e-6 * max(1.0, abs(want.item()))
+    for got, exp in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-6, rtol=1e-6)
+    unmasked = quari_loss(ad, images).loss
+    assert unmasked.item() > out.loss.item()  # fewer negatives, lower loss
+    with pytest.raises(QuARIInputError, match="false_negatives"):
+        quari_loss(ad, images, false_negatives=mask[:, :3])
 
 
 def test_fp32_factors_agree_with_float64():

@@ -42,8 +42,27 @@ def test_source_specs_parse():
 
 
 def test_presets_fill_unset_fields_only(tmp_path):
-    paper = config(tmp_path, "s")
+    paper = config(tmp_path, "s", preset="paper")
     assert (paper.lr, paper.schedule, paper.variant) == (1e-5, "cosine", "paper")
+    assert (paper.init, paper.noise, paper.noise_scale, paper.batch_size) == (
+        "default", "paper", 1.0, 320,
+    )  # fmt: skip
+    assert (paper.num_layers, paper.num_steps) == (4, 4)  # the paper's shape (rank given: 4)
+    default = TrainConfig(train=(TrainSource(Path("s")),), out=tmp_path, accelerator="cpu")
+    assert default.preset == "default" and default.init == "identity"
+    assert (default.variant, default.normalize_factors, default.noise) == (
+        "reference", False, "relative",
+    )  # fmt: skip
+    assert (default.hidden_dim, default.num_layers, default.rank, default.batch_size) == (
+        128, 2, 16, 128,
+    )  # fmt: skip
+    assert (default.token_dropout, default.relevance_negatives, default.image_queries) == (
+        0.0, True, 0.0,
+    )  # fmt: skip
+    assert (paper.token_dropout, paper.relevance_negatives) == (None, False)
+    model = default.model_config(64)
+    assert (model.init, model.normalize_factors, model.anchor_scale) == ("identity", False, 1.0)
+    assert model.token_dropout == 0.0
     ref = config(tmp_path, "s", preset="reference", variant="paper", lr=1e-3)
     assert (ref.lr, ref.schedule, ref.variant) == (1e-3, "onecycle", "paper")
     assert TrainConfig.from_dict(ref.to_dict()) == ref

@@ -344,8 +344,11 @@ def _model_card(model: QuARIModel) -> str:
     n_params = sum(p.numel() for p in model.parameters())
     if cfg.variant == "paper":
         form = f"T = U Vᵀ (rank {cfg.rank})"
+    elif cfg.normalize_factors:
+        form = f"T = I + {cfg.anchor_scale:.3g}·Û V̂ᵀ (rank {cfg.rank}, Frobenius-normalised)"
     else:
-        form = f"T = I + {cfg.anchor_scale:.3g}·Û V̂ᵀ (rank {cfg.rank})"
+        form = f"T = I + {cfg.anchor_scale:.3g}·U Vᵀ (rank {cfg.rank})"
+    start = {"identity": "the frozen backbone (q′ = q, T = I)", "default": "random"}
     lines = [
         "---",
         "library_name: quari",
@@ -362,6 +365,7 @@ def _model_card(model: QuARIModel) -> str:
         f"| encoder | {meta.get('encoder', 'unknown')} |",
         f"| embedding dim | {cfg.embedding_dim} |",
         f"| variant | {cfg.variant}: {form} |",
+        f"| initialisation | {start.get(cfg.init, cfg.init)} |",
         f"| hidden dim / layers / heads / steps | {cfg.hidden_dim} / {cfg.num_layers} / "
         f"{cfg.num_heads} / {cfg.num_steps} |",
         f"| parameters | {n_params:,} |",
@@ -373,6 +377,18 @@ def _model_card(model: QuARIModel) -> str:
         lines.append(f"| {key} | {meta[key]} |")
     metrics = meta.get("metrics")
     if isinstance(metrics, dict) and metrics:
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+        lines += ["", "## Validation", ""]
+        if "checkpoint" in meta:
+            lines += [f"Exported checkpoint: {meta['checkpoint']}.", ""]
+        paired = sorted(k[4:] for k in metrics if k.startswith("val/"))
+        if paired:
+            lines += ["| metric | this model | frozen backbone (cosine) |", "|---|---|---|"]
+            lines += [
+                f"| {name} | {metrics[f'val/{name}']} | {metrics.get(f'baseline/{name}', '—')} |"
+                for name in paired
+            ]
+        others = sorted(k for k in metrics if not k.startswith(("val/", "baseline/")))
+        if others:
+            lines += ["", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {metrics[k]} |" for k in others]
     return "\n".join(lines) + "\n"

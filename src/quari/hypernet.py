@@ -42,6 +42,7 @@ from quari.validation import as_embeddings
 __all__ = ["LINEAR_ROLES", "HyperNetConfig", "LinearFn", "QuARIModel"]
 
 Variant = Literal["paper", "reference"]
+Init = Literal["default", "identity"]
 
 #: Largest value each size field may take (far above any real model; they stop a hostile or
 #: mistyped config from allocating tens of GB).
@@ -92,6 +93,14 @@ class HyperNetConfig:
             Defaults: paper 0.0, reference 0.05.
         normalize_factors: Reference variant: divide U and V by their Frobenius norms
             (``use_fro_norm`` in the reference code).
+        init: ``"default"`` (PyTorch's initialisation of every layer) or ``"identity"``: the
+            last layers of the query decoder and of the U decoder start at zero, so an
+            untrained model is exactly the frozen backbone — q′ = q and T = I + α·0·Vᵀ = I —
+            and training moves away from cosine only where that lowers the loss (the V
+            decoder stays random, so U receives a gradient at once: LoRA's zero/random
+            pair). Needs the reference form (T = I + α U Vᵀ, which contains I) and
+            ``normalize_factors=False`` (U/‖U‖_F has no usable gradient at U = 0). Only the
+            starting point differs: a saved model loads the same either way.
 
     Example:
         >>> cfg = HyperNetConfig(embedding_dim=768)
@@ -111,6 +120,7 @@ class HyperNetConfig:
     query_residual_weight: float | None = None
     token_dropout: float | None = None
     normalize_factors: bool = True
+    init: Init = "default"
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANT_DEFAULTS:
@@ -141,6 +151,15 @@ class HyperNetConfig:
                 "anchor_scale applies to the reference variant only (the paper's T is pure "
                 f"low rank); got anchor_scale={self.anchor_scale} with variant='paper'"
             )
+        if self.init not in ("default", "identity"):
+            raise QuARIInputError(f"init must be 'default' or 'identity', got {self.init!r}")
+        if self.init == "identity" and (self.variant != "reference" or self.normalize_factors):
+            raise QuARIInputError(
+                "init='identity' needs variant='reference' (T = I + α U Vᵀ; the paper's pure "
+                "low-rank T cannot be I) and normalize_factors=False (U/‖U‖_F has no usable "
+                f"gradient at U = 0); got variant={self.variant!r}, "
+                f"normalize_factors={self.normalize_factors}"
+            )
         for name, value in _VARIANT_DEFAULTS[self.variant].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -148,6 +167,11 @@ class HyperNetConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
                 raise QuARIInputError(f"{name} must lie in [0, 1), got {value}")
+        if self.init == "identity" and not self.query_residual_weight > 0:
+            raise QuARIInputError(
+                "init='identity' needs query_residual_weight > 0 (q′ = normalize((1−λ)·0 + λq) "
+                "= q at the start; with λ = 0 the zero decoder gives no query)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -277,6 +301,12 @@ class QuARIModel(nn.Module):
         # u: output-side columns of T, v: input-side columns (T d = U Vᵀ d).
         self.u_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
         self.v_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+        if config.init == "identity":
+            # Start exactly at the frozen backbone: MLP_q(ctx) = 0 gives q′ = normalize(λq) = q,
+            # U = 0 gives T = I. V keeps its random init so that ∂L/∂U = α·(…)·V ≠ 0.
+            for decoder in (self.query_decoder, self.u_decoder):
+                nn.init.zeros_(decoder[-1].weight)
+                nn.init.zeros_(decoder[-1].bias)
 
     @property
     def embedding_dim(self) -> int:
@@ -358,7 +388,8 @@ class QuARIModel(nn.Module):
         the CPU runtimes of :mod:`quari.runtime`); everyone else calls the model, which
         checks and normalises the queries first.
 
-        In training mode the pass runs ``self.transformer`` (dropout, token dropout). In
+        In training mode the pass runs ``self.transformer`` (dropout, token dropout), except
+        in the reference variant without any dropout, where it runs the folded pass below. In
         eval mode it runs the same layers from their weights (docs/method.md §3.5): the
         same numbers to fp32 rounding, and in the reference variant the V bank — identical
         to the U bank at every step — is folded into the U bank's attention weight instead
@@ -390,8 +421,16 @@ class QuARIModel(nn.Module):
                 raise QuARIInputError(
                     "fold and linears apply to the inference pass: call model.eval() first"
                 )
+            if self._fold_in_training():
+                # Without dropout of any kind the banks stay identical while training too, and
+                # the folded pass is differentiable: the same loss and gradient at half the cost.
+                return self._inference_factors(q, True, {})
             return self.transformer_factors(q)
         return self._inference_factors(q, fold, linears or {})
+
+    def _fold_in_training(self) -> bool:
+        cfg = self.config
+        return cfg.variant == "reference" and cfg.token_dropout == 0 and cfg.dropout == 0
 
     def transformer_linears(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The transformer's affine maps by name: ``{name: (weight (out, in), bias (out,))}``.

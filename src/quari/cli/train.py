@@ -6,6 +6,7 @@ Lightning is imported inside ``train`` only, so other commands start fast.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -60,26 +61,70 @@ def train_command(
     image_key: Annotated[
         str | None, typer.Option(help="Metadata column grouping the captions of one image.")
     ] = None,
+    relevance_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Metadata column(s), comma-separated, that decide relevance (an image is "
+            "relevant when all are equal, e.g. label): validation and the 'best' export use it, "
+            "and the default recipe does not push same-key images apart; default: the "
+            "caption's own image."
+        ),
+    ] = None,
     val_fraction: Annotated[float, typer.Option(help="Images held out for validation.")] = 0.05,
-    preset: Annotated[str, typer.Option(help="paper (cosine 1e-5) or reference (OneCycle).")] = (
-        "paper"
-    ),
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="default (starts at the frozen backbone, sized for this device), paper (the "
+            "paper's recipe and size) or reference (the reference code's)."
+        ),
+    ] = "default",
     variant: Annotated[
         str | None, typer.Option(help="Model variant: paper or reference (default: preset's).")
     ] = None,
-    rank: Annotated[int, typer.Option(help="Rank r of the map.")] = 64,
-    hidden_dim: Annotated[int, typer.Option(help="Transformer width H.")] = 512,
-    layers: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
-    steps: Annotated[int, typer.Option("--steps", help="Refinement steps L.")] = 4,
+    init: Annotated[
+        str | None, typer.Option(help="Initialisation: identity or default (default: preset's).")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="Rank r of the map (default: preset's).")] = None,
+    hidden_dim: Annotated[int | None, typer.Option(help="Transformer width H.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Refinement steps L.")] = None,
     single_step: Annotated[
         bool, typer.Option(help="Ablation: one refinement step (w/o iterative generation).")
     ] = False,
     no_semipos: Annotated[bool, typer.Option(help="Ablation: no semi-positives.")] = False,
     no_noise: Annotated[bool, typer.Option(help="Ablation: no query noise.")] = False,
-    noise_scale: Annotated[float, typer.Option(help="Query-noise scale.")] = 1.0,
+    noise: Annotated[
+        str | None,
+        typer.Option(help="Query noise: relative (‖noise‖ ≈ σ) or paper (≈ σ·√E)."),
+    ] = None,
+    noise_scale: Annotated[
+        float | None, typer.Option(help="Query-noise scale σ (default: preset's).")
+    ] = None,
+    image_queries: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of pairs asked with their own (noised) image instead of the "
+            "caption (default: preset's; 0 = captions only, as the paper)."
+        ),
+    ] = None,
+    relevance_negatives: Annotated[
+        bool | None,
+        typer.Option(
+            "--relevance-negatives/--no-relevance-negatives",
+            help="With --relevance-key: in-batch images sharing a caption's key are not its "
+            "negatives (default: preset's — on in the default recipe).",
+        ),
+    ] = None,
+    false_negative_threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Mask in-batch images whose caption has at least this cosine to the "
+            "query's caption (default: preset's; 0 = off, as the paper)."
+        ),
+    ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Pairs per device per step (default: 320; linear: 128).")
+        int | None, typer.Option(help="Pairs per device per step (default: preset's; linear: 128).")
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (default: preset; linear: 1e-3).")
@@ -94,7 +139,12 @@ def train_command(
         int | None, typer.Option(help="Validate every N steps (default: each epoch).")
     ] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 1000,
-    log_every: Annotated[int, typer.Option(help="Log training metrics every N steps.")] = 50,
+    checkpoint_minutes: Annotated[
+        float, typer.Option(help="... and every M minutes (0: by steps only).")
+    ] = 10.0,
+    log_every: Annotated[
+        int, typer.Option(help="Log metrics (and print a line, in a log file) every N steps.")
+    ] = 50,
     devices: Annotated[int, typer.Option(help="Devices (GPUs); >1 runs DDP.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Nodes (torchrun / SLURM).")] = 1,
     accelerator: Annotated[str, typer.Option(help="auto, cpu, gpu …")] = "auto",
@@ -104,7 +154,7 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed (init, data order, noise, split).")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     adapter: Annotated[
         str,
         typer.Option(
@@ -150,17 +200,23 @@ def train_command(
         out=out,
         val=val,
         image_key=image_key,
+        relevance_key=relevance_key,
         val_fraction=val_fraction,
         preset=preset,
         variant=variant,
+        init=init,
         rank=rank,
         hidden_dim=hidden_dim,
         num_layers=layers,
         num_heads=heads,
         num_steps=1 if single_step else steps,
         semipos=not no_semipos,
+        noise=noise,
         noise_scale=0.0 if no_noise else noise_scale,
-        batch_size=batch_size or 320,
+        image_queries=image_queries,
+        false_negative_threshold=false_negative_threshold,
+        relevance_negatives=relevance_negatives,
+        batch_size=batch_size,
         lr=lr,
         max_steps=max_steps,
         max_epochs=epochs,
@@ -168,6 +224,7 @@ def train_command(
         early_stopping_patience=patience or None,
         val_every_steps=val_every,
         checkpoint_every=checkpoint_every,
+        checkpoint_minutes=checkpoint_minutes or None,
         log_every=log_every,
         devices=devices,
         num_nodes=num_nodes,
@@ -178,6 +235,13 @@ def train_command(
         progress=not quiet,
     )
     result = run_training(config, resume=resume)
+    if result.interrupted:
+        console.print(
+            f"{result.interrupted}: stopped at step {result.steps:,}; checkpoint saved in "
+            f"{out / 'checkpoints'} — continue with the same command plus --resume"
+        )
+        # SystemExit, not typer.Exit: friendly_errors passes it through as the exit status.
+        raise SystemExit(128 + int(getattr(signal, result.interrupted)))
     summary = _validation_summary(result.metrics)
     console.print(
         f"trained {result.steps:,} steps → {result.model_dir} ({result.exported} weights)"

@@ -1,7 +1,17 @@
-"""Training configuration: one dataclass, two presets (docs/method.md §5.5, §6 A5).
+"""Training configuration: one dataclass, three presets (docs/method.md §5.5, §6 A5).
 
-``preset="paper"`` (default): AdamW (weight decay 1e-2), learning rate 1e-5 with linear warm-up
-and a cosine decay to 2e-7, gradient clipping 1.0, batch 320, the paper variant of the model.
+``preset="default"``: quari's own recipe, the one measured to beat the frozen backbone
+(``docs/results.md``, quality section). The model starts *exactly* at the frozen backbone
+(``HyperNetConfig(variant="reference", normalize_factors=False, init="identity")``: q′ = q,
+T = I + α U Vᵀ with U = 0), the query noise is relative to the unit query (‖noise‖ ≈ σ·s
+instead of σ·s·√E), AdamW with linear warm-up and a cosine decay, no token dropout (training
+then folds the V bank: half the cost), and — with a ``relevance_key`` — in-batch images sharing
+a caption's key are not treated as its negatives. Its size follows the device: on a CPU a
+small model (:data:`SHAPES` ``"cpu"``), on a GPU the paper's.
+
+``preset="paper"``: the paper's recipe for faithful reproduction — AdamW (weight decay 1e-2),
+learning rate 1e-5 with linear warm-up and a cosine decay to 2e-7, gradient clipping 1.0, batch
+320, the paper variant of the model (T = U Vᵀ), the paper's noise q + s·ε.
 
 ``preset="reference"``: the reference code's recipe — OneCycleLR with max_lr 5e-4,
 pct_start 0.01, div_factor 25, final_div_factor 20 (cosine), gradient clipping 1.0, batch 320,
@@ -21,12 +31,75 @@ from quari.hypernet import HyperNetConfig
 from quari.training.mining import MiningConfig
 from quari.validation import QuARIInputError
 
-__all__ = ["PRESETS", "TrainConfig", "TrainSource"]
+__all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "device_kind"]
 
+#: Model and batch sizes: the paper's (H 512, 4 layers, 4 steps, r 64, batch 320) and the small
+#: model that trains in minutes on a laptop-class CPU.
+SHAPES: dict[str, dict[str, int]] = {
+    "paper": {"rank": 64, "hidden_dim": 512, "num_layers": 4, "num_heads": 8, "num_steps": 4,
+              "batch_size": 320},
+    "cpu": {"rank": 16, "hidden_dim": 128, "num_layers": 2, "num_heads": 4, "num_steps": 2,
+            "batch_size": 128},
+}  # fmt: skip
+
+#: What each preset sets (fields left None). ``shape`` names a :data:`SHAPES` entry, or
+#: ``"device"``: ``"cpu"`` on a CPU, ``"paper"`` on a GPU.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"schedule": "cosine", "lr": 1e-5, "variant": "paper"},
-    "reference": {"schedule": "onecycle", "lr": 5e-4, "variant": "reference"},
+    "default": {
+        "schedule": "cosine",
+        "lr": 1e-3,
+        "warmup_steps": 50,
+        "min_lr": 1e-5,
+        "variant": "reference",
+        "init": "identity",
+        "normalize_factors": False,
+        "anchor_scale": 1.0,
+        "token_dropout": 0.0,
+        "image_queries": 0.0,
+        "relevance_negatives": True,
+        "false_negative_threshold": 0.0,
+        "noise": "relative",
+        "noise_scale": 0.5,
+        "shape": "device",
+    },
+    "paper": {
+        "schedule": "cosine",
+        "lr": 1e-5,
+        "min_lr": 2e-7,
+        "variant": "paper",
+        "init": "default",
+        "normalize_factors": True,
+        "image_queries": 0.0,
+        "relevance_negatives": False,
+        "false_negative_threshold": 0.0,
+        "noise": "paper",
+        "noise_scale": 1.0,
+        "shape": "paper",
+    },
+    "reference": {
+        "schedule": "onecycle",
+        "lr": 5e-4,
+        "min_lr": 2e-7,
+        "variant": "reference",
+        "init": "default",
+        "normalize_factors": True,
+        "image_queries": 0.0,
+        "relevance_negatives": False,
+        "false_negative_threshold": 0.0,
+        "noise": "paper",
+        "noise_scale": 1.0,
+        "shape": "paper",
+    },
 }
+
+
+def device_kind(accelerator: str = "auto") -> str:
+    """``"gpu"`` when training would run on a CUDA device, else ``"cpu"``."""
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "gpu"
+    return "cpu"
 
 
 @dataclass(frozen=True)
@@ -71,6 +144,8 @@ class TrainSource:
 class TrainConfig:
     """Everything one training run needs. Library entry point: :func:`quari.training.train`.
 
+    Fields left as ``None`` take the preset's value (:data:`PRESETS`); anything set wins.
+
     Args:
         train: Training sets (caption ↔ image pairs), optionally with mixture ratios.
         out: Output folder: the exported model folder, ``checkpoints/``, ``logs/``.
@@ -79,19 +154,31 @@ class TrainConfig:
             whole. Splits are by image (``image_key``), never by caption.
         image_key: Metadata column that groups the caption rows of one image (COCO: 5 rows,
             one per caption, sharing an ``image_id``). None: every row is its own image.
+        relevance_key: Metadata columns that decide relevance in validation: a held-out image
+            is relevant to a held-out caption when every listed column is equal (e.g.
+            ``("label",)``: class-level retrieval). None: each caption's own image (its
+            ``image_key`` group) is its only relevant image.
         val_fraction: Share of images held out when validation comes from a training set.
         val_max_queries: Cap on validation queries (whole images are dropped to meet it).
-        preset: ``"paper"`` or ``"reference"`` (see the module docstring).
+        preset: ``"default"``, ``"paper"`` or ``"reference"`` (see the module docstring).
         variant: Model variant, ``"paper"`` or ``"reference"`` (default: the preset's).
+        init: Model initialisation, ``"default"`` or ``"identity"`` (start at the frozen
+            backbone; :class:`~quari.hypernet.HyperNetConfig`).
+        normalize_factors: Frobenius-normalise U and V (reference variant).
+        anchor_scale: α in T = I + α U Vᵀ (reference variant; None: the variant's 0.8).
+        query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q) (None: the variant's).
+        token_dropout: Zeroing probability of U/V tokens while training (None: the variant's;
+            0 in the default recipe, where the reference variant then trains with the folded
+            V bank at half the cost).
         rank, hidden_dim, num_layers, num_heads, num_steps, dropout: Model shape
             (:class:`~quari.hypernet.HyperNetConfig`); ``num_steps=1`` is the "w/o iterative
-            generation" ablation.
+            generation" ablation. Default: the preset's :data:`SHAPES` entry.
         batch_size: Pairs per device per step; with N devices each query sees N·batch_size
             in-batch images (gathered across ranks).
-        lr: Peak learning rate (default: the preset's, 1e-5 paper / 5e-4 reference).
-        min_lr: Floor of the paper's cosine schedule.
-        warmup_steps: Linear warm-up steps of the cosine schedule (default: 1 % of the run).
-        schedule: ``"cosine"`` (paper) or ``"onecycle"`` (reference) (default: the preset's).
+        lr: Peak learning rate.
+        min_lr: Floor of the cosine schedule.
+        warmup_steps: Linear warm-up steps of the cosine schedule (None: 1 % of the run).
+        schedule: ``"cosine"`` (warm-up, then cosine) or ``"onecycle"`` (reference).
         weight_decay: AdamW weight decay.
         grad_clip: Gradient-norm clipping (0 disables).
         max_steps: Optimiser steps to run (None: ``max_epochs`` epochs).
@@ -99,9 +186,17 @@ class TrainConfig:
         epoch_pairs: Training pairs per epoch (default: all training pairs once).
         temperature: τ of the contrastive loss.
         semipos: Use semi-positives (False is the "w/o semi-positives" ablation).
+        image_queries: Share of training pairs whose query is the pair's own image embedding
+            (noised like every query) instead of its caption; 0 = captions only (the paper).
+        false_negative_threshold: Mask in-batch images whose caption's cosine to the query's
+            caption is at least this (likely relevant, not negatives); 0 = off (the paper).
+        relevance_negatives: With ``relevance_key``: in-batch images sharing the caption's
+            relevance key are not its negatives (they are relevant by the user's definition).
         mining: How semi-positives are mined (mined on first use if missing).
         normalize_targets: Renormalise each query's target row (1 + Σw) to sum to 1.
-        noise_scale: LinCIR query-noise scale (0 is the "w/o noise" ablation).
+        noise: ``"paper"``: q + σ·s·ε, ε ~ N(0, I_E), ‖noise‖ ≈ σ·s·√E (the paper's Eq. 8);
+            ``"relative"``: q + σ·s·ε/√E, ‖noise‖ ≈ σ·s whatever E is.
+        noise_scale: σ (0 is the "w/o noise" ablation).
         seed: Seeds the model init, the data order, the noise and the validation split.
         devices, num_nodes, accelerator, strategy: Lightning ``Trainer`` placement;
             ``strategy="auto"`` picks DDP when more than one device or node is used.
@@ -109,38 +204,50 @@ class TrainConfig:
             supports it, else ``"32-true"``.
         checkpoint_every: Save the resumable Lightning checkpoint and a model-folder
             checkpoint every this many steps.
+        checkpoint_minutes: ... and whenever this many minutes passed since the last one
+            (None: by steps only).
         keep_checkpoints: Model-folder checkpoints kept (oldest deleted first).
         val_every_steps: Validate every this many steps (None: at the end of each epoch).
         early_stopping_patience: Validations without a better validation mAP before
             stopping (None disables early stopping).
-        log_every: Log training metrics every this many steps.
+        log_every: Log training metrics, and print a progress line when the output is not a
+            terminal, every this many steps.
         num_workers: DataLoader worker processes (0 gathers in the training process).
-        progress: Show a progress bar.
+        progress: Show progress (a bar on a terminal, lines otherwise).
         export: Export the ``"best"`` (validation mAP) or the ``"last"`` weights to ``out``.
 
     Example:
-        >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"))
-        >>> cfg.lr, cfg.schedule, cfg.variant
-        (1e-05, 'cosine', 'paper')
+        >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"),
+        ...                   accelerator="cpu")
+        >>> cfg.preset, cfg.variant, cfg.init, cfg.hidden_dim, cfg.batch_size
+        ('default', 'reference', 'identity', 128, 128)
+        >>> TrainConfig(train=cfg.train, out=cfg.out, preset="paper").lr
+        1e-05
     """
 
     train: tuple[TrainSource, ...]
     out: Path
     val: Path | None = None
     image_key: str | None = None
+    relevance_key: tuple[str, ...] | None = None
     val_fraction: float = 0.05
     val_max_queries: int = 5000
-    preset: Literal["paper", "reference"] = "paper"
+    preset: Literal["default", "paper", "reference"] = "default"
     variant: Literal["paper", "reference"] | None = None
-    rank: int = 64
-    hidden_dim: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    num_steps: int = 4
+    init: Literal["default", "identity"] | None = None
+    normalize_factors: bool | None = None
+    anchor_scale: float | None = None
+    query_residual_weight: float | None = None
+    token_dropout: float | None = None
+    rank: int | None = None
+    hidden_dim: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_steps: int | None = None
     dropout: float = 0.0
-    batch_size: int = 320
+    batch_size: int | None = None
     lr: float | None = None
-    min_lr: float = 2e-7
+    min_lr: float | None = None
     warmup_steps: int | None = None
     schedule: Literal["cosine", "onecycle"] | None = None
     weight_decay: float = 1e-2
@@ -150,9 +257,13 @@ class TrainConfig:
     epoch_pairs: int | None = None
     temperature: float = 0.07
     semipos: bool = True
+    image_queries: float | None = None
+    relevance_negatives: bool | None = None
+    false_negative_threshold: float | None = None
     mining: MiningConfig = field(default_factory=MiningConfig)
     normalize_targets: bool = False
-    noise_scale: float = 1.0
+    noise: Literal["paper", "relative"] | None = None
+    noise_scale: float | None = None
     seed: int = 0
     devices: int = 1
     num_nodes: int = 1
@@ -160,6 +271,7 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str | None = None
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     val_every_steps: int | None = None
     early_stopping_patience: int | None = 5
@@ -175,7 +287,21 @@ class TrainConfig:
         object.__setattr__(self, "out", Path(self.out))
         if self.val is not None:
             object.__setattr__(self, "val", Path(self.val))
-        for name, value in PRESETS[self.preset].items():
+        if self.relevance_key is not None:
+            keys = self.relevance_key
+            if isinstance(keys, str):  # "label,tone" as the CLI spells it
+                keys = keys.split(",")
+            keys = tuple(str(k).strip() for k in keys)
+            if not keys or not all(keys):
+                raise QuARIInputError(
+                    f"relevance_key must name metadata columns, got {self.relevance_key!r}"
+                )
+            object.__setattr__(self, "relevance_key", keys)
+        preset = dict(PRESETS[self.preset])
+        shape = preset.pop("shape")
+        if shape == "device":
+            shape = "cpu" if device_kind(self.accelerator) == "cpu" else "paper"
+        for name, value in {**preset, **SHAPES[shape]}.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if not self.train:
@@ -187,6 +313,8 @@ class TrainConfig:
             )
         if self.schedule not in ("cosine", "onecycle"):
             raise QuARIInputError(f"schedule must be 'cosine' or 'onecycle', got {self.schedule}")
+        if self.noise not in ("paper", "relative"):
+            raise QuARIInputError(f"noise must be 'paper' or 'relative', got {self.noise!r}")
         if self.export not in ("best", "last"):
             raise QuARIInputError(f"export must be 'best' or 'last', got {self.export!r}")
         positive = ["batch_size", "max_epochs", "checkpoint_every", "log_every", "devices"]
@@ -199,6 +327,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise QuARIInputError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise QuARIInputError(f"warmup_steps must be ≥ 0, got {self.warmup_steps}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise QuARIInputError(
+                f"checkpoint_minutes must be positive (or None), got {self.checkpoint_minutes}"
+            )
         if not 0 < self.val_fraction < 1:
             raise QuARIInputError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         for name in ("lr", "temperature"):
@@ -207,6 +341,9 @@ class TrainConfig:
         for name in ("min_lr", "weight_decay", "grad_clip", "noise_scale"):
             if not getattr(self, name) >= 0:
                 raise QuARIInputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        for name in ("image_queries", "false_negative_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise QuARIInputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.num_workers < 0:
             raise QuARIInputError(f"num_workers must be ≥ 0, got {self.num_workers}")
         self.model_config(8 * self.rank)  # shape checks (heads divide width …) fail early
@@ -222,6 +359,11 @@ class TrainConfig:
             num_steps=self.num_steps,
             dropout=self.dropout,
             variant=self.variant,
+            anchor_scale=self.anchor_scale if self.variant == "reference" else None,
+            query_residual_weight=self.query_residual_weight,
+            token_dropout=self.token_dropout,
+            normalize_factors=self.normalize_factors,
+            init=self.init,
         )
 
     def with_(self, **changes: Any) -> TrainConfig:
@@ -234,6 +376,8 @@ class TrainConfig:
         data["train"] = [{"path": str(s.path), "ratio": s.ratio} for s in self.train]
         data["out"] = str(self.out)
         data["val"] = None if self.val is None else str(self.val)
+        if self.relevance_key is not None:
+            data["relevance_key"] = list(self.relevance_key)
         return data
 
     @classmethod
@@ -246,4 +390,6 @@ class TrainConfig:
         data = dict(data)
         data["train"] = tuple(TrainSource(Path(s["path"]), s["ratio"]) for s in data["train"])
         data["mining"] = MiningConfig(**data.get("mining", {}))
+        if data.get("relevance_key") is not None:
+            data["relevance_key"] = tuple(data["relevance_key"])
         return cls(**data)

@@ -55,6 +55,8 @@ class Source:
         ratio: Mixture ratio (None: proportional to size).
         semipos_ids / semipos_weights: (rows, P) mined semi-positives, or None.
         semipos_valid: (rows, P) bool — the id exists and is not a validation image.
+        relevance: (rows,) int64 key of the ``relevance_key`` columns (equal across sets for
+            equal values), or None without a relevance key.
     """
 
     path: Path
@@ -65,6 +67,7 @@ class Source:
     semipos_ids: np.ndarray | None = None
     semipos_weights: np.ndarray | None = None
     semipos_valid: np.ndarray | None = None
+    relevance: np.ndarray | None = None
 
     @property
     def images(self) -> int:
@@ -98,6 +101,35 @@ def _groups(eset: EmbeddingSet, image_key: str | None) -> np.ndarray:
     return rank[inverse].astype(np.int64)
 
 
+def _check_columns(eset: EmbeddingSet, columns: tuple[str, ...], what: str) -> None:
+    names = eset.metadata_table(eset.shards[0]).schema.names if eset.has_metadata else []
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise QuARIInputError(
+            f"{eset.root}: no metadata column {missing[0]!r} ({what}); columns: {names}"
+        )
+
+
+def _attach_relevance(
+    sources: list[Source], sets: dict[Path, EmbeddingSet], key: tuple[str, ...]
+) -> None:
+    """Sets every source's ``relevance``: one int per distinct value combination of the
+    ``key`` columns, numbered over all sources together."""
+    combined = []
+    for source in sources:
+        eset = sets[source.path]
+        _check_columns(eset, key, "--relevance-key")
+        table = eset.metadata(np.arange(eset.rows), list(key))
+        columns = [table.column(name).to_pylist() for name in key]
+        combined.append(["\x1f".join(map(str, v)) for v in zip(*columns, strict=True)])
+    _, keys = np.unique(np.concatenate([np.asarray(c, dtype=object) for c in combined]).astype(str),
+                        return_inverse=True)  # fmt: skip
+    start = 0
+    for source, values in zip(sources, combined, strict=True):
+        source.relevance = keys[start : start + len(values)].astype(np.int64)
+        start += len(values)
+
+
 def _split_groups(n_groups: int, fraction: float, seed: int) -> np.ndarray:
     """Boolean (n_groups,) mask of validation images: a seeded ⌈fraction·n⌉ of them."""
     n_val = max(1, math.ceil(fraction * n_groups))
@@ -128,12 +160,14 @@ class TrainingData:
         image_key: str | None,
         val_max_queries: int,
         seed: int,
+        relevance_key: tuple[str, ...] | None = None,
     ) -> None:
         self.sources = sources
         self.val = val
         self.encoder = encoder
         self.dim = dim
         self.image_key = image_key
+        self.relevance_key = relevance_key
         self.val_max_queries = val_max_queries
         self.seed = seed
         self._sets: dict[Path, EmbeddingSet] = {}
@@ -218,6 +252,10 @@ class TrainingData:
         val = _MergedSource(val_parts) if len(val_parts) > 1 else val_parts[0]
         if val.val_rows.size == 0:
             raise QuARIInputError(f"{val.path}: the validation split is empty")
+        if config.relevance_key is not None:
+            for part in val_parts:
+                _check_columns(sets[part.path], config.relevance_key, "--relevance-key")
+            _attach_relevance(sources, sets, config.relevance_key)
         return cls(
             sources,
             val,
@@ -226,6 +264,7 @@ class TrainingData:
             image_key=config.image_key,
             val_max_queries=config.val_max_queries,
             seed=config.seed,
+            relevance_key=config.relevance_key,
         )
 
     @staticmethod
@@ -283,6 +322,7 @@ class TrainingData:
                 "path": str(self.val.path),
                 "queries": int(self.val_queries[0].shape[0]),
                 "images": int(self.val_queries[1].shape[0]),
+                "relevance": self.relevance_description,
             },
         }
 
@@ -310,6 +350,44 @@ class TrainingData:
             images, first = np.unique(val.groups[rows], return_index=True)
         target = np.searchsorted(images, val.groups[rows])
         return rows, rows[first], target
+
+    @property
+    def relevance_description(self) -> str:
+        """How validation decides relevance, in words (logs and the model card)."""
+        if self.relevance_key is not None:
+            return "same " + " and ".join(self.relevance_key)
+        return f"same {self.image_key}" if self.image_key else "the caption's own image"
+
+    def val_relevance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query keys (Q,), gallery keys (G,)) int64: a validation image is relevant to a
+        query exactly when their keys are equal.
+
+        Without ``relevance_key`` the gallery key is the image's row in the gallery and the
+        query key its own image's (the ``target`` of :attr:`val_queries`); with it, the key
+        numbers each distinct combination of the relevance columns.
+        """
+        rows, gallery_rows, target = self.val_queries
+        if self.relevance_key is None:
+            return torch.from_numpy(target.astype(np.int64)), torch.arange(gallery_rows.size)
+        columns = [self._metadata(self.val, np.concatenate([rows, gallery_rows]), name)
+                   for name in self.relevance_key]  # fmt: skip
+        combined = np.array(["\x1f".join(map(str, v)) for v in zip(*columns, strict=True)])
+        _, keys = np.unique(combined, return_inverse=True)
+        keys = keys.astype(np.int64)
+        return torch.from_numpy(keys[: rows.size]), torch.from_numpy(keys[rows.size :])
+
+    def _metadata(self, source: Source, rows: np.ndarray, column: str) -> list[Any]:
+        if isinstance(source, _MergedSource):
+            out: list[Any] = [None] * rows.size
+            which, local = source.locate(rows)
+            for i, part in enumerate(source.parts):
+                at = np.flatnonzero(which == i)
+                if at.size:
+                    got = self.open(part.path).metadata(local[at], [column])
+                    for j, value in zip(at, got.column(column).to_pylist(), strict=True):
+                        out[j] = value
+            return out
+        return self.open(source.path).metadata(rows, [column]).column(column).to_pylist()
 
     def val_vectors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validation (queries (Q, E), gallery (G, E), target (Q,)) as fp32 tensors."""
@@ -378,7 +456,8 @@ class PairBatches(Dataset):
         epoch_pairs: Pairs per epoch (default: every training pair once).
 
     Each item is a dict of tensors: ``query`` (B, E) unit caption embeddings, ``image`` (B, E),
-    ``group`` (B,) global image ids, ``source``/``row`` (B,) where the pair came from, and with
+    ``group`` (B,) global image ids, ``source``/``row`` (B,) where the pair came from, with a
+    relevance key ``relevance`` (B,) the pairs' keys (:attr:`Source.relevance`), and with
     semi-positives ``semipos`` (B, P, E), ``semipos_weights`` (B, P), ``semipos_valid`` (B, P).
     """
 
@@ -445,6 +524,8 @@ class PairBatches(Dataset):
         query = np.empty((B, E), dtype=np.float32)
         image = np.empty((B, E), dtype=np.float32)
         group = np.empty(B, dtype=np.int64)
+        relevance = np.empty(B, dtype=np.int64)
+        has_relevance = self.data.sources[0].relevance is not None
         semi = self.data.sources[0].semipos_ids is not None
         if semi:
             P = self.data.sources[0].semipos_ids.shape[1]
@@ -459,6 +540,8 @@ class PairBatches(Dataset):
             query[sel] = eset.gather(rows, "text")
             image[sel] = eset.gather(rows, "image")
             group[sel] = source.groups[rows] + self._group_offsets[int(s)]
+            if has_relevance:
+                relevance[sel] = source.relevance[rows]
             if semi:
                 semipos[sel] = eset.gather(source.semipos_ids[rows], "image")
                 weights[sel] = source.semipos_weights[rows]
@@ -471,6 +554,8 @@ class PairBatches(Dataset):
             "source": torch.from_numpy(src.astype(np.int64)),
             "row": torch.from_numpy(row.astype(np.int64)),
         }
+        if has_relevance:
+            batch["relevance"] = torch.from_numpy(relevance)
         if semi:
             batch["semipos"] = torch.from_numpy(semipos)
             batch["semipos_weights"] = torch.from_numpy(weights)

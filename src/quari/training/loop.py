@@ -19,8 +19,7 @@ with the same weights as an uninterrupted one. The checkpoint is read with
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +29,26 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from quari.checkpoint import load, save
 from quari.errors import CheckpointError, QuARIInputError, TrainingError
 from quari.fileio import atomic_write
+from quari.training.callbacks import (
+    CHECKPOINTS,
+    LAST,
+    GracefulStop,
+    ProgressReport,
+    RunCheckpoints,
+    TrainingInterrupted,
+)
 from quari.training.config import TrainConfig
 from quari.training.data import ResumableBatchSampler, ResumableLoader, TrainingData
-from quari.training.module import QuARITrainingModule, validation_metrics
+from quari.training.module import SELECTION_METRIC, QuARITrainingModule, validation_metrics
 
 __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
 
-CHECKPOINTS = "checkpoints"
-LAST = "last.ckpt"
 # Fields that may change when a run is resumed (they do not change what is computed). The run
 # length is not among them: the learning-rate schedule is laid out over it.
 _RESUMABLE_CHANGES = {
@@ -51,6 +57,7 @@ _RESUMABLE_CHANGES = {
     "log_every",
     "early_stopping_patience",
     "checkpoint_every",
+    "checkpoint_minutes",
     "keep_checkpoints",
     "export",
 }
@@ -64,13 +71,16 @@ class TrainResult:
         model_dir: The exported model folder (``config.out``).
         steps: Optimiser steps taken in all (over resumes).
         metrics: Validation metrics of the exported weights (``val/…``, ``baseline/…``).
-        exported: ``"best"`` or ``"last"``: which weights were exported.
+        exported: ``"best"`` or ``"last"``: which weights were exported (``"none"`` when
+            the run was interrupted: only its checkpoint was written).
+        interrupted: The signal that stopped the run (``"SIGINT"``, ``"SIGTERM"``), or None.
     """
 
     model_dir: Path
     steps: int
     metrics: dict[str, float]
     exported: str
+    interrupted: str | None = None
 
 
 class PairDataModule(L.LightningDataModule):
@@ -118,87 +128,6 @@ class PairDataModule(L.LightningDataModule):
         part = np.array_split(np.arange(self.val_queries.shape[0]), size)[rank]
         dataset = TensorDataset(self.val_queries[part], self.val_target[part])
         return DataLoader(dataset, batch_size=256, shuffle=False)
-
-
-class RunCheckpoints(Callback):
-    """Resumable Lightning checkpoint + model-folder checkpoints every N steps and at the end;
-    a ``best`` model folder whenever validation mAP improves.
-
-    Lightning's ``last.ckpt`` is written to a temporary name and renamed, so a run killed while
-    saving keeps the previous one.
-    """
-
-    def __init__(self, out: Path, every: int, keep: int, metadata: dict[str, Any]) -> None:
-        self.folder = Path(out) / CHECKPOINTS
-        self.every = every
-        self.keep = keep
-        self.metadata = metadata
-        self.best = float("-inf")
-        self.best_step = -1
-        self.last_saved = -1
-
-    @property
-    def state_key(self) -> str:
-        return "RunCheckpoints"
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_step": self.best_step}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best = float(state_dict["best"])
-        self.best_step = int(state_dict["best_step"])
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        if trainer.global_step % self.every == 0:
-            self.save(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step != self.last_saved:
-            self.save(trainer, pl_module)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get("val/mAP")
-        if value is None or not float(value) > self.best:
-            return
-        self.best, self.best_step = float(value), trainer.global_step
-        if trainer.is_global_zero:
-            self._model_folder(trainer, pl_module, self.folder / "best", best=True)
-
-    def save(self, trainer: L.Trainer, pl_module: Any) -> None:
-        """Writes ``last.ckpt`` and ``step-{N}/`` (all ranks call; rank 0 writes)."""
-        step = trainer.global_step
-        tmp = self.folder / f".{LAST}.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # collective; rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, self.folder / LAST)
-            self._model_folder(trainer, pl_module, self.folder / f"step-{step:08d}")
-            steps = sorted(self.folder.glob("step-*"))
-            for old in steps[: max(0, len(steps) - self.keep)]:
-                shutil.rmtree(old, ignore_errors=True)
-        self.last_saved = step
-
-    def _model_folder(
-        self, trainer: L.Trainer, pl_module: Any, folder: Path, *, best: bool = False
-    ) -> None:
-        model = pl_module.model
-        metrics = {
-            k: round(float(v), 6)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith(("val/", "baseline/"))
-        }
-        saved = model.metadata
-        model.metadata = {
-            **self.metadata,
-            "steps": trainer.global_step,
-            "checkpoint": "best validation mAP" if best else "periodic",
-            "metrics": metrics,
-        }
-        try:
-            save(model, folder)
-        finally:
-            model.metadata = saved
 
 
 def _precision(config: TrainConfig) -> str:
@@ -260,7 +189,8 @@ def _check_run_folder(config: TrainConfig, resume: bool) -> Path | None:
             "corrupt or not a plain checkpoint — start a new run in another --out"
         ) from None
     if saved.is_file():
-        before = json.loads(saved.read_text())
+        # Through TrainConfig, so that a file from before a field existed reads as its default.
+        before = TrainConfig.from_dict(json.loads(saved.read_text())).to_dict()
         now = config.to_dict()
         keys = (set(before) | set(now)) - _RESUMABLE_CHANGES
         changed = sorted(k for k in keys if before.get(k) != now.get(k))
@@ -273,20 +203,45 @@ def _check_run_folder(config: TrainConfig, resume: bool) -> Path | None:
 
 
 def _describe(data: TrainingData, config: TrainConfig) -> dict[str, Any]:
+    """The model card's account of the data and the recipe."""
     summary = data.summary()
     parts = [
         f"{t['path']} ({t['pairs']:,} pairs, {100 * t['share']:.0f} %)" for t in summary["train"]
     ]
     val = summary["val"]
+    warmup = "1 % of the run" if config.warmup_steps is None else f"{config.warmup_steps} steps"
+    schedule = (
+        f"cosine from lr {config.lr:g} to {config.min_lr:g} after a linear warm-up of {warmup}"
+        if config.schedule == "cosine"
+        else f"OneCycle, peak lr {config.lr:g}"
+    )
+    noise = "off"
+    if config.noise_scale:
+        noise = (
+            f"relative, ‖noise‖ ≈ {config.noise_scale:g}·U[0,1]"
+            if config.noise == "relative"
+            else f"the paper's, {config.noise_scale:g}·U[0,1]·N(0, I)"
+        )
+    length = f"{config.max_steps:,} steps" if config.max_steps else f"{config.max_epochs} epochs"
+    negatives = "every other in-batch image"
+    if config.relevance_negatives and config.relevance_key:
+        negatives = f"in-batch images of another {'/'.join(config.relevance_key)}"
+    if config.false_negative_threshold:
+        negatives += f", captions at cosine < {config.false_negative_threshold:g}"
+    extra = f"; {100 * config.image_queries:g} % image queries" if config.image_queries else ""
     return {
         "encoder": data.encoder,
         "data": " + ".join(parts),
-        "validation": f"{val['path']}: {val['queries']:,} queries over {val['images']:,} images",
+        "validation": (
+            f"{val['path']}: {val['queries']:,} queries over {val['images']:,} images; "
+            f"relevance: {val['relevance']}"
+        ),
         "training": (
-            f"preset {config.preset}, schedule {config.schedule}, lr {config.lr:g}, batch "
-            f"{config.batch_size} × {config.devices * config.num_nodes} device(s), "
-            f"semi-positives {'on' if config.semipos else 'off'}, noise scale "
-            f"{config.noise_scale:g}, seed {config.seed}"
+            f"preset {config.preset}; AdamW (weight decay {config.weight_decay:g}), {schedule}; "
+            f"batch {config.batch_size} × {config.devices * config.num_nodes} device(s); "
+            f"{length}; τ {config.temperature:g}; semi-positives "
+            f"{'on' if config.semipos else 'off'}; negatives: {negatives}{extra}; query noise "
+            f"{noise}; seed {config.seed}"
         ),
     }
 
@@ -323,11 +278,13 @@ def train(
     _check_accelerator(config)
     ckpt = _check_run_folder(config, resume)
     data = TrainingData.from_config(config, progress=config.progress)
-    queries, gallery, target = data.val_vectors()
-    if queries.shape[0] < config.devices * config.num_nodes:
+    queries, gallery, _ = data.val_vectors()
+    query_keys, gallery_keys = data.val_relevance()
+    world = config.devices * config.num_nodes
+    if queries.shape[0] < world:
         raise TrainingError(
-            f"{queries.shape[0]} validation queries cannot be shared by "
-            f"{config.devices * config.num_nodes} devices; hold out more images"
+            f"{queries.shape[0]} validation queries cannot be shared by {world} devices; hold "
+            "out more images"
         )
     config.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config.to_dict(), indent=2) + "\n"
@@ -336,16 +293,37 @@ def train(
     L.seed_everything(config.seed, workers=True, verbose=False)
     model_config = config.model_config(data.dim)
     module = QuARITrainingModule(model_config.to_dict(), config.to_dict())
-    module.set_validation_gallery(gallery)
-    datamodule = PairDataModule(data, config, queries, target)
+    module.set_validation_gallery(gallery, gallery_keys)
+    datamodule = PairDataModule(data, config, queries, query_keys)
+    description = _describe(data, config)
+    selection = f"{SELECTION_METRIC} (AP@1000; relevance: {data.relevance_description})"
     checkpoints = RunCheckpoints(
-        config.out, config.checkpoint_every, config.keep_checkpoints, _describe(data, config)
+        config.out,
+        config.checkpoint_every,
+        config.keep_checkpoints,
+        description,
+        minutes=config.checkpoint_minutes,
+        selection=selection,
     )
-    all_callbacks: list[Callback] = [checkpoints]
+    stop = GracefulStop(checkpoints)
+    total = _total_steps(config, data)
+    all_callbacks: list[Callback] = [checkpoints, stop]
+    if config.progress:
+        _print_plan(config, data, module, total)
+        all_callbacks.append(
+            ProgressReport(
+                total,
+                config.batch_size * world,
+                every=config.log_every,
+                hint="to shorten it: --max-steps N or --epochs N; a smaller model: "
+                "--hidden-dim, --layers, --steps, --rank; stop any time with Ctrl-C and "
+                "continue with --resume",
+            )
+        )
     if config.early_stopping_patience is not None:
         all_callbacks.append(
             EarlyStopping(
-                "val/mAP",
+                SELECTION_METRIC,
                 mode="max",
                 patience=config.early_stopping_patience,
                 check_on_train_epoch_end=False,
@@ -369,41 +347,100 @@ def train(
         logger=[CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")],
         log_every_n_steps=config.log_every,
         enable_checkpointing=False,  # RunCheckpoints writes both checkpoint kinds
-        enable_progress_bar=config.progress,
-        enable_model_summary=config.progress,
+        enable_progress_bar=False,  # ProgressReport: a bar on a terminal, lines in a log
+        enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # PairBatches slices each global batch by rank
         default_root_dir=config.out,
         **val_args,
     )
-    trainer.fit(
-        module,
-        datamodule=datamodule,
-        ckpt_path=None if ckpt is None else str(ckpt),
-        weights_only=True,
+    try:
+        with stop:
+            trainer.fit(
+                module,
+                datamodule=datamodule,
+                ckpt_path=None if ckpt is None else str(ckpt),
+                weights_only=True,
+            )
+    except (TrainingInterrupted, SIGTERMException):
+        if stop.signum is None:
+            raise
+    if stop.signum is not None:
+        return TrainResult(
+            config.out,
+            checkpoints.last_saved,
+            {},
+            "none",
+            interrupted=signal.Signals(stop.signum).name,
+        )
+    return _export(config, (queries, gallery, query_keys, gallery_keys), selection)
+
+
+def _total_steps(config: TrainConfig, data: TrainingData) -> int:
+    """Optimiser steps of the whole run (before any early stop)."""
+    if config.max_steps is not None:
+        return config.max_steps
+    world = config.devices * config.num_nodes
+    per_epoch = (config.epoch_pairs or data.train_pairs) // (config.batch_size * world)
+    return config.max_epochs * per_epoch
+
+
+def _print_plan(
+    config: TrainConfig, data: TrainingData, module: QuARITrainingModule, total: int
+) -> None:
+    """What the run will do, before it starts (sizes, steps, where checkpoints go)."""
+    mc = module.model.config
+    params = sum(p.numel() for p in module.model.parameters())
+    pairs = total * config.batch_size * config.devices * config.num_nodes
+    summary = data.summary()
+    print(
+        f"quari train: preset {config.preset} · model {mc.variant}/{mc.init} (H {mc.hidden_dim}, "
+        f"{mc.num_layers} layers, {mc.num_steps} steps, rank {mc.rank}; {params / 1e6:.2f}M "
+        f"parameters) on {_device_name(config)}\n"
+        f"  {total:,} steps × {config.batch_size} pairs = {pairs / max(1, data.train_pairs):.1f} "
+        f"epochs over {data.train_pairs:,} training pairs; validation: "
+        f"{summary['val']['queries']:,} queries over {summary['val']['images']:,} images, "
+        f"relevance {data.relevance_description}\n"
+        f"  checkpoints every {config.checkpoint_every:,} steps"
+        + (f" or {config.checkpoint_minutes:g} min" if config.checkpoint_minutes else "")
+        + f" in {config.out / CHECKPOINTS}",
+        flush=True,
     )
-    return _export(config, (queries, gallery, target))
+
+
+def _device_name(config: TrainConfig) -> str:
+    if config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return f"{config.devices * config.num_nodes} × {torch.cuda.get_device_name()}"
+    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def _export(
-    config: TrainConfig, validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    config: TrainConfig, validation: tuple[torch.Tensor, ...], selection: str
 ) -> TrainResult:
-    """Copies the best (or last) model-folder checkpoint to ``config.out``; a run too short
-    to have validated is validated here, so the model card always carries metrics."""
+    """Exports the best model-folder checkpoint (by the selection metric, the last weights
+    validated here too) or the last one to ``config.out``; the model card carries the
+    validation metrics of the exported weights beside the frozen baseline's."""
     folder = config.out / CHECKPOINTS
     steps = sorted(folder.glob("step-*"))
     if not steps:
         raise TrainingError(f"{folder}: training wrote no checkpoint")
-    last = steps[-1]
-    chosen, exported = last, "last"
-    if config.export == "best" and (folder / "best" / "config.json").is_file():
-        chosen, exported = folder / "best", "best"
-    model = load(chosen)
-    final_steps = int(load(last).metadata.get("steps", 0))
+    queries, gallery, keys, gallery_keys = validation
+    last = load(steps[-1])
+    final_steps = int(last.metadata.get("steps", 0))
+    metrics = validation_metrics(last, queries, gallery, keys, gallery_keys=gallery_keys)
+    last.metadata["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
+    model, exported = last, "last"
+    best_folder = folder / "best"
+    if config.export == "best" and (best_folder / "config.json").is_file():
+        best = load(best_folder)
+        if best.metadata.get("metrics", {}).get(SELECTION_METRIC, float("-inf")) > metrics.get(
+            SELECTION_METRIC, float("-inf")
+        ):
+            model, exported = best, "best"
+    model.metadata["checkpoint"] = (
+        f"best {selection}" if config.export == "best" else f"last (validated by {selection})"
+    )
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
-    if not model.metadata.get("metrics"):
-        metrics = validation_metrics(model, *validation)
-        model.metadata["metrics"] = {k: round(v, 6) for k, v in metrics.items()}
     save(model, config.out)
     metrics = {k: float(v) for k, v in (model.metadata.get("metrics") or {}).items()}
     return TrainResult(config.out, final_steps, metrics, exported)

@@ -24,6 +24,7 @@ global batch (tested in ``tests/test_training.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,17 +66,25 @@ class LossOutput:
 
 
 def add_query_noise(
-    queries: torch.Tensor, scale: float = 1.0, generator: torch.Generator | None = None
+    queries: torch.Tensor,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    relative: bool = False,
 ) -> torch.Tensor:
     """LinCIR query noise: q + scale · s · ε, s ~ U[0, 1] per sample, ε ~ N(0, I) per dimension.
 
     Applied to unit query embeddings during training only, and not re-normalised (docs/method.md
-    §5.2); feed the result to the model with ``normalize=False``.
+    §5.2); feed the result to the model with ``normalize=False``. The paper's noise has norm
+    ≈ scale·s·√E — 28·s at E = 768, so for most draws the query direction is mostly noise;
+    ``relative=True`` divides ε by √E, so that ‖noise‖ ≈ scale·s against the unit query at any
+    embedding size.
 
     Args:
         queries: (B, E) unit query embeddings.
         scale: Multiplies the noise (1.0 = the paper; 0 = no noise).
         generator: Random source (default: torch's global generator).
+        relative: Scale ε by 1/√E (noise relative to the unit query).
 
     Returns:
         (B, E) noised queries.
@@ -90,6 +99,8 @@ def add_query_noise(
     B, E = queries.shape
     s = torch.rand(B, 1, generator=generator, device=queries.device, dtype=queries.dtype)
     eps = torch.randn(B, E, generator=generator, device=queries.device, dtype=queries.dtype)
+    if relative:
+        scale = scale / math.sqrt(E)
     return queries + scale * s * eps
 
 
@@ -101,6 +112,7 @@ def quari_loss(
     semipos_weights: torch.Tensor | None = None,
     semipos_valid: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    false_negatives: torch.Tensor | None = None,
     offset: int = 0,
     temperature: float = 0.07,
     normalize_targets: bool = False,
@@ -118,6 +130,9 @@ def quari_loss(
             out for validation). Default: all valid.
         groups: (N,) image identities; columns whose id equals the positive's are masked
             (other captions of the same image). Default: every column a distinct image.
+        false_negatives: (B, N) bool; True masks image j out of query i's softmax and query
+            i out of image j's (likely relevant, e.g. described by a near-identical caption).
+            The positive itself is never masked.
         offset: Row of this rank's first query's image in ``images`` (rank · B).
         temperature: τ (paper: 0.07).
         normalize_targets: Divide each query→image target row by its sum (1 + Σw); the
@@ -168,8 +183,17 @@ def quari_loss(
         col = torch.arange(logits.shape[1], device=device)
         masked = torch.zeros_like(logits, dtype=torch.bool)
         same_image = None
-        if groups is not None:
-            same_image = groups[local][:, None] == groups[None, :]
+        if groups is not None or false_negatives is not None:
+            same_image = torch.zeros(B, N, dtype=torch.bool, device=device)
+            if groups is not None:
+                same_image |= groups[local][:, None] == groups[None, :]
+            if false_negatives is not None:
+                if false_negatives.shape != (B, N):
+                    raise QuARIInputError(
+                        f"false_negatives must be (B, N) = ({B}, {N}), got "
+                        f"{tuple(false_negatives.shape)}"
+                    )
+                same_image |= false_negatives.to(device=device, dtype=torch.bool)
             same_image &= local[:, None] != torch.arange(N, device=device)[None, :]
             masked[:, :N] = same_image
         targets = (col[None, :] == local[:, None]).float()

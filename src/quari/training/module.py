@@ -2,13 +2,16 @@
 
 Validation is text→image retrieval over the held-out images: every validation caption ranks
 every validation image by its adapted score (exact :meth:`quari.Adaptation.score`), and the
-frozen cosine baseline ranks them by cos(q, d). The top :data:`VAL_TOP_K` images of each query
+frozen cosine baseline ranks them by cos(q, d). Relevance is by key: an image is relevant to a
+query when their keys are equal (:meth:`quari.training.data.TrainingData.val_relevance`) —
+the query's own image by default, or every image sharing the ``relevance_key`` columns (class-
+level retrieval with ``("label",)``). The top :data:`VAL_TOP_K` images of each query
 (``torch.topk``; ties in the order topk returns them) are scored by
-:func:`quari.eval.metrics.per_query_metrics` against the query's one true image. Logged per
-validation (names in :data:`VAL_METRICS`): ``val/recall@{1,5,10}`` and ``val/mAP`` = AP@1000
-with the min(R, k) normaliser — with one relevant image per query that is 1 / rank when the
-image is in the top 1000, else 0 (exactly MRR for galleries of up to 1000 images) — and the
-same ``baseline/…`` numbers.
+:func:`quari.eval.metrics.per_query_metrics`. Logged per validation (names in
+:data:`VAL_METRICS`): ``val/recall@{1,5,10}`` and ``val/mAP`` = AP@1000 with the min(R, k)
+normaliser — with one relevant image per query that is 1 / rank when the image is in the top
+1000, else 0 (exactly MRR for galleries of up to 1000 images) — and the same ``baseline/…``
+numbers. ``val/mAP`` picks the best checkpoint (:data:`SELECTION_METRIC`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from quari.adaptation import Adaptation
-from quari.eval.metrics import per_query_metrics, relevance_matrix
+from quari.eval.metrics import per_query_metrics
 from quari.hypernet import HyperNetConfig, QuARIModel
 from quari.training.config import TrainConfig
 from quari.training.distributed import any_rank, gather_cat, gather_cat_with_grad, world
@@ -30,6 +33,7 @@ from quari.training.errors import TrainingError
 from quari.training.loss import add_query_noise, quari_loss
 
 __all__ = [
+    "SELECTION_METRIC",
     "VAL_METRICS",
     "VAL_TOP_K",
     "QuARITrainingModule",
@@ -39,6 +43,8 @@ __all__ = [
 ]
 
 VAL_TOP_K = 1000
+#: The logged metric that early stopping and the "best" checkpoint follow.
+SELECTION_METRIC = "val/mAP"
 # logged name → quari.eval.metrics name (the logged names are what checkpoints, early stopping
 # and the CLI summary read)
 VAL_METRICS = {
@@ -90,14 +96,21 @@ class QuARITrainingModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = TrainConfig.from_dict(train_config)
         self.model = QuARIModel(HyperNetConfig.from_dict(model_config))
-        # The validation images (G, E); queries and targets come from the val dataloader.
+        # The validation images (G, E) and their relevance keys (G,); queries and their keys
+        # come from the val dataloader.
         self.register_buffer("val_gallery", torch.empty(0), persistent=False)
+        self.register_buffer("val_gallery_keys", torch.empty(0, dtype=torch.long), persistent=False)
         self._val_stats: list[torch.Tensor] = []
         self.last_width: int | None = None
 
-    def set_validation_gallery(self, gallery: torch.Tensor) -> None:
-        """The (G, E) unit validation images that validation queries are ranked against."""
+    def set_validation_gallery(
+        self, gallery: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> None:
+        """The (G, E) unit validation images that validation queries are ranked against, and
+        their (G,) relevance keys (default: each image its own key, so a query's key is the
+        gallery row of its one relevant image)."""
         self.val_gallery = gallery
+        self.val_gallery_keys = torch.arange(gallery.shape[0]) if keys is None else keys
 
     # -- training ---------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -106,8 +119,14 @@ class QuARITrainingModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         cfg = self.config
         queries = batch["query"]
+        pick = torch.zeros(queries.shape[0], 1, dtype=torch.bool, device=queries.device)
+        if cfg.image_queries > 0:
+            # QuARI serves image queries too: a share of the pairs asks with the (noised)
+            # image itself, whose positive is that image among the in-batch distractors.
+            pick = torch.rand(queries.shape[0], 1, device=queries.device) < cfg.image_queries
+            queries = torch.where(pick, batch["image"].to(queries.dtype), queries)
         if cfg.noise_scale:
-            queries = add_query_noise(queries, cfg.noise_scale)
+            queries = add_query_noise(queries, cfg.noise_scale, relative=cfg.noise == "relative")
         adaptation = self.model(queries, normalize=False)
         size, rank = world()
         B = queries.shape[0]
@@ -119,6 +138,7 @@ class QuARITrainingModule(L.LightningModule):
             semipos_weights=batch["semipos_weights"] if semi else None,
             semipos_valid=batch["semipos_valid"] if semi else None,
             groups=gather_cat(batch["group"]),
+            false_negatives=self.in_batch_false_negatives(batch, ~pick[:, 0]),
             offset=rank * B,
             temperature=cfg.temperature,
             normalize_targets=cfg.normalize_targets,
@@ -135,6 +155,28 @@ class QuARITrainingModule(L.LightningModule):
         self.log("train/negatives", float(out.width), **log)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], **log)
         return out.loss
+
+    def in_batch_false_negatives(
+        self, batch: dict[str, torch.Tensor], captioned: torch.Tensor
+    ) -> torch.Tensor | None:
+        """(B, N) in-batch images that are most likely relevant to query i, masked out of the
+        softmax instead of pushed away: for a caption query (``captioned``), images with the
+        same relevance key (``relevance_key``: the user's own definition of relevant) and
+        images whose caption nearly repeats query i's (cosine of the clean caption
+        embeddings ≥ ``false_negative_threshold``). An image query keeps every other image
+        as a negative (its task is the instance)."""
+        cfg = self.config
+        out = None
+        if cfg.relevance_negatives and "relevance" in batch:
+            out = batch["relevance"][:, None] == gather_cat(batch["relevance"])[None, :]
+        if cfg.false_negative_threshold:
+            captions = batch["query"].float()
+            similar = captions @ gather_cat(captions).T >= cfg.false_negative_threshold
+            out = similar if out is None else out | similar
+        if out is None:
+            return None
+        # Symmetric (the image→query term reads it transposed): both pairs asked by caption.
+        return out & captioned[:, None] & gather_cat(captioned)[None, :]
 
     def compute_loss(self, adaptation: Adaptation, images: torch.Tensor, **kwargs: Any) -> Any:
         """The loss of one batch (:func:`quari.training.loss.quari_loss`)."""
@@ -188,8 +230,10 @@ class QuARITrainingModule(L.LightningModule):
         self._val_stats = []
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        queries, target = batch
-        self._val_stats.append(_batch_stats(self.model, queries, self.val_gallery, target))
+        queries, keys = batch
+        self._val_stats.append(
+            _batch_stats(self.model, queries, self.val_gallery, keys, self.val_gallery_keys)
+        )
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_stats:
@@ -203,7 +247,11 @@ class QuARITrainingModule(L.LightningModule):
 
 
 def _batch_stats(
-    model: QuARIModel, queries: torch.Tensor, gallery: torch.Tensor, target: torch.Tensor
+    model: QuARIModel,
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    keys: torch.Tensor,
+    gallery_keys: torch.Tensor,
 ) -> torch.Tensor:
     """(2, 1 + len(VAL_METRICS)) metric sums of one query batch: adapted, then plain cosine."""
     # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
@@ -212,18 +260,22 @@ def _batch_stats(
         ad = Adaptation(
             ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
         )
-        adapted = _metric_sums(ad.score(gallery), target)
-        cosine = _metric_sums(queries.float() @ gallery.T, target)
+        adapted = _metric_sums(ad.score(gallery), keys, gallery_keys)
+        cosine = _metric_sums(queries.float() @ gallery.T, keys, gallery_keys)
     return torch.stack([adapted, cosine])
 
 
-def _metric_sums(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[count, Σ metric …] of (B, G) scores against each query's one true gallery row — sums,
-    so batches and ranks reduce by addition."""
-    ranked = torch.topk(scores, min(VAL_TOP_K, scores.shape[1]), dim=1).indices
-    rel, n_relevant = relevance_matrix(ranked.cpu().numpy(), target.cpu().numpy())
-    per_query = per_query_metrics(rel, n_relevant, VAL_METRICS.values())
-    sums = [float(len(target))] + [float(v.sum()) for v in per_query.values()]
+def _metric_sums(
+    scores: torch.Tensor, keys: torch.Tensor, gallery_keys: torch.Tensor
+) -> torch.Tensor:
+    """[count, Σ metric …] of (B, G) scores; gallery item j is relevant to query i when
+    ``gallery_keys[j] == keys[i]`` — sums, so batches and ranks reduce by addition."""
+    ranked = torch.topk(scores, min(VAL_TOP_K, scores.shape[1]), dim=1).indices.cpu().numpy()
+    keys_np, gallery_np = keys.cpu().numpy(), gallery_keys.cpu().numpy()
+    rel = gallery_np[ranked] == keys_np[:, None]
+    counts = np.bincount(gallery_np, minlength=int(max(gallery_np.max(), keys_np.max())) + 1)
+    per_query = per_query_metrics(rel, counts[keys_np], VAL_METRICS.values())
+    sums = [float(len(keys_np))] + [float(v.sum()) for v in per_query.values()]
     return torch.tensor(sums, dtype=torch.float64, device=scores.device)
 
 
@@ -239,6 +291,7 @@ def validation_metrics(
     gallery: torch.Tensor,
     target: torch.Tensor,
     batch_size: int = 256,
+    gallery_keys: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Validation metrics of ``model`` (``val/…``) and of plain cosine (``baseline/…``).
 
@@ -246,8 +299,10 @@ def validation_metrics(
         model: The hypernetwork (put in eval mode here).
         queries: (Q, E) unit query embeddings.
         gallery: (G, E) unit image embeddings.
-        target: (Q,) each query's relevant gallery row.
+        target: (Q,) each query's relevance key: without ``gallery_keys``, the gallery row of
+            its one relevant image.
         batch_size: Queries per forward pass.
+        gallery_keys: (G,) the images' relevance keys (default: their rows).
 
     Returns:
         ``val/…`` and ``baseline/…`` of every :data:`VAL_METRICS` name.
@@ -257,8 +312,12 @@ def validation_metrics(
         0.41
     """
     model.eval()
+    if gallery_keys is None:
+        gallery_keys = torch.arange(gallery.shape[0])
     stats = sum(
-        _batch_stats(model, queries[i : i + batch_size], gallery, target[i : i + batch_size])
+        _batch_stats(
+            model, queries[i : i + batch_size], gallery, target[i : i + batch_size], gallery_keys
+        )
         for i in range(0, queries.shape[0], batch_size)
     )
     out = {f"val/{k}": v for k, v in _means(stats[0]).items()}

@@ -1,0 +1,192 @@
+"""Retrieval quality on a real-image track: baselines, QuARI's default recipe, the ablations.
+
+On a built Fashion-MNIST track folder (``quari.eval.tracks.build_fashion_tracks``, e.g. the
+``small`` size in ``/tmp/tracks-small``) every row trains on the track's ``train`` set and is
+scored by mAP@100 (``ap@100``, exhaustive ``scan`` mode) on both tracks — text→image
+(fine-grained: class + attributes) and image→image (instance-level) — on the ``test`` split
+(``--split val`` while tuning: the recipe was chosen on val only). Rows:
+
+* ``cosine``: the frozen backbone (no training);
+* ``linear``: the static linear adapter (``quari train --adapter linear``);
+* ``default``: ``TrainConfig`` defaults (no recipe flags), as ``quari train`` runs them;
+* ``paper``: ``--preset paper`` (the paper's recipe) at the CPU size, same number of steps;
+* ablations of the default: ``no noise``, ``no semi-positives``, ``single step``
+  (``num_steps=1``, also the steps-1 row), ``rank 32/64`` and ``steps 4`` (on a CPU the
+  default itself is rank 16 with 2 steps).
+
+The headline rows (cosine, linear, default) run ``--seeds`` seeds (mean ± std); the others
+one. Every QuARI row trains for ``--max-steps`` steps (default: what the default recipe would
+run on this set), validation relevance by ``label`` (the sets' class column), export "best".
+
+Usage::
+
+    python benchmarks/quality.py --track /tmp/tracks-small                   # every row
+    python benchmarks/quality.py --track /tmp/tracks-small --rows cosine,linear,default
+    python benchmarks/quality.py --track /tmp/tracks-small --split val --seeds 1
+
+Writes ``benchmarks/results/quality_<track folder name>.json`` (or ``--json``) and prints a
+table. The machine is shared: wall times are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import machine
+from quari.checkpoint import load_model
+from quari.eval.linear import LinearTrainConfig, train_linear
+from quari.eval.protocols.custom import CustomEvaluator
+from quari.training import TrainConfig, TrainSource, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRACKS = ("t2i", "i2i")
+HEADLINE = ("cosine", "linear", "default")
+#: Row name → TrainConfig changes from the defaults (None: not a QuARI row).
+ROWS: dict[str, dict | None] = {
+    "cosine": None,
+    "linear": None,
+    "default": {},  # on a CPU: rank 16, 2 refinement steps (so also the "rank 16", "steps 2" rows)
+    "no noise": {"noise_scale": 0.0},
+    "no semi-positives": {"semipos": False},
+    "single step": {"num_steps": 1},  # also the "steps 1" row
+    # The paper's recipe (paper variant, lr 1e-5, the paper's noise) at the CPU size: at its own
+    # size (batch 320, H 512, r 64) one CPU step needs ~33 GB and minutes (bench_train.json).
+    "paper": {
+        "preset": "paper",
+        "rank": 16,
+        "hidden_dim": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_steps": 2,
+        "batch_size": 128,
+    },
+    "rank 32": {"rank": 32},
+    "rank 64": {"rank": 64},
+    "steps 4": {"num_steps": 4},
+}
+
+
+def evaluate(track: Path, split: str, model) -> dict[str, float]:
+    """mAP@100 of ``model`` (None: cosine) on both tracks' ``split``."""
+    out = {}
+    for name in TRACKS:
+        ev = CustomEvaluator(
+            track / name / split / "queries.parquet", track / name / split / "gallery"
+        )
+        mode = "plain" if model is None else "scan"
+        out[name] = ev.evaluate(model, mode=mode).metrics["ap@100"]
+    return out
+
+
+def run_row(track: Path, row: str, seed: int, split: str, work: Path, max_steps: int | None):
+    """One row at one seed: {"t2i", "i2i", "train_s", "steps"}."""
+    source = (TrainSource(track / "train"),)
+    out = work / f"{row.replace(' ', '-')}-{seed}"
+    started = time.perf_counter()
+    if row == "cosine":
+        return {**evaluate(track, split, None), "train_s": 0.0, "steps": 0}
+    if row == "linear":
+        cfg = LinearTrainConfig(train=source, out=out, image_key="item", seed=seed, progress=False)
+        result = train_linear(cfg)
+        steps = result.steps
+    else:
+        cfg = TrainConfig(
+            train=source,
+            out=out,
+            image_key="item",
+            relevance_key=("label",),
+            seed=seed,
+            max_steps=max_steps,
+            progress=False,
+            **ROWS[row],
+        )
+        steps = train(cfg).steps
+    seconds = time.perf_counter() - started
+    scores = evaluate(track, split, load_model(out))
+    return {**scores, "train_s": round(seconds, 1), "steps": steps}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out: dict = {"seeds": len(runs), "runs": runs}
+    for name in TRACKS:
+        values = [r[name] for r in runs]
+        out[name] = statistics.fmean(values)
+        out[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["train_s"] = statistics.median(r["train_s"] for r in runs)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--track", type=Path, required=True, help="a built track folder")
+    parser.add_argument("--split", default="test", choices=["val", "test"])
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the headline rows")
+    parser.add_argument("--max-steps", type=int, default=None, help="QuARI steps per row")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
+    results: dict = {}
+    track_info = json.loads((args.track / "track.json").read_text())
+    path = args.json or RESULTS / f"quality_{args.track.name}.json"
+
+    def write() -> None:  # after every row, so an interrupted run keeps what it measured
+        payload = {
+            "machine": machine(),
+            "note": "shared 2-core machine; other jobs ran at the same time (timings indicative)",
+            "track": str(args.track),
+            "sizes": track_info.get("sizes"),
+            "split": args.split,
+            "metric": "ap@100 (scan mode)",
+            "max_steps": args.max_steps,
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
+            "rows": results,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="quari-quality-") as tmp:
+        for row in rows:
+            seeds = range(args.seeds if row in HEADLINE else 1)
+            runs = [run_row(args.track, row, s, args.split, Path(tmp), args.max_steps)
+                    for s in seeds]  # fmt: skip
+            results[row] = summarise(runs)
+            write()
+            r = results[row]
+            print(
+                f"{row:<18} t2i {r['t2i']:.4f} ± {r['t2i_std']:.4f}   "
+                f"i2i {r['i2i']:.4f} ± {r['i2i_std']:.4f}   ({r['seeds']} seed(s), "
+                f"{r['train_s']:.0f} s)",
+                flush=True,
+            )
+    base = results.get("cosine")
+    print(f"\n{'row':<18} {'t2i mAP@100':>16} {'i2i mAP@100':>16} {'vs cosine':>18} {'s':>6}")
+    for row, r in results.items():
+        rel = ""
+        if base:
+            rel = " / ".join(f"{100 * (r[t] / base[t] - 1):+.1f}%" for t in TRACKS)
+        print(
+            f"{row:<18} {r['t2i']:.4f}±{r['t2i_std']:.4f}  {r['i2i']:.4f}±{r['i2i_std']:.4f} "
+            f"{rel:>18} {r['train_s']:>6.0f}"
+        )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Acceptance: the default training recipe beats the frozen backbone and the static linear
+adapter on a reduced real-image track (Fashion-MNIST through the ``offline`` towers).
+
+A few thousand images are built into both tracks (text→image fine-grained, image→image
+instance-level; ``quari.eval.tracks``), QuARI is trained with ``TrainConfig`` defaults — no
+recipe flags, only the set's columns and a step budget — and scored by mAP@100 on the *test*
+split's held-out queries beside plain cosine and the linear adapter trained on the same pairs.
+Needs the real dataset (Debian's ``dataset-fashion-mnist`` or $QUARI_FASHION_MNIST; never a
+download): the synthetic stand-in of the other track tests says nothing about quality.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quari.checkpoint import load_model
+from quari.errors import DataError, NotFoundError
+from quari.eval.linear import LinearTrainConfig, train_linear
+from quari.eval.protocols.custom import CustomEvaluator
+from quari.eval.tracks import TrackSizes, build_fashion_tracks
+from quari.eval.tracks.fashion_mnist import find_fashion_mnist
+from quari.training import TrainConfig, TrainSource, train
+
+pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("lightning")
+
+SIZES = TrackSizes(train=800, val=50, test=250, captions_per_image=2, text_queries=100,
+                   image_queries=50, positives=3, resolution=32)  # fmt: skip
+STEPS = 60
+#: Relative mAP@100 gain over cosine that QuARI must show on each track.
+MARGIN = {"t2i": 0.02, "i2i": 0.02}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a shared 2-core machine two torch threads wait on each other: one ran these small
+    # steps ~3x faster under load.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scores(track, model) -> dict[str, float]:
+    out = {}
+    for name in ("t2i", "i2i"):
+        ev = CustomEvaluator(
+            track / name / "test" / "queries.parquet", track / name / "test" / "gallery"
+        )
+        out[name] = ev.evaluate(model, mode="plain" if model is None else "scan").metrics["ap@100"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def track(tmp_path_factory):
+    try:
+        data = find_fashion_mnist(download=False)
+    except (NotFoundError, DataError):
+        pytest.skip("Fashion-MNIST is not on this machine (apt install dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("quality") / "tracks"
+    build_fashion_tracks(out, size=SIZES, seed=0, data=data, progress=False)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (docs/results.md, quality section): on the Fashion-MNIST tracks the "
+    "default recipe does not yet beat cosine and the linear adapter on both tracks (here: "
+    "text→image about even, image→image below both)",
+)
+def test_the_default_recipe_beats_cosine_and_the_linear_adapter(track, tmp_path):
+    source = (TrainSource(track / "train"),)
+    cfg = TrainConfig(train=source, out=tmp_path / "quari", image_key="item",
+                      relevance_key=("label",), max_steps=STEPS, progress=False)  # fmt: skip
+    assert cfg.preset == "default"
+    train(cfg)
+    train_linear(LinearTrainConfig(train=source, out=tmp_path / "linear", image_key="item",
+                                   progress=False))  # fmt: skip
+
+    cosine = scores(track, None)
+    linear = scores(track, load_model(tmp_path / "linear"))
+    quari = scores(track, load_model(tmp_path / "quari"))
+    print(f"\nmAP@100 on test: quari {quari}, cosine {cosine}, linear {linear}")
+    for name, margin in MARGIN.items():
+        report = (
+            f"{name}: quari {quari[name]:.4f}, cosine {cosine[name]:.4f}, linear {linear[name]:.4f}"
+        )
+        assert quari[name] >= cosine[name] * (1 + margin), report
+        assert quari[name] > linear[name], report
