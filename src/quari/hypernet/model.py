@@ -1,59 +1,25 @@
-"""The QuARI hypernetwork: a query embedding in, a query-specific low-rank map out.
-
-A transformer reads one *control token* (the encoded query) and two banks of ``rank`` tokens,
-refines the banks over ``num_steps`` residual steps, and decodes them into the columns of two
-E×r factors ``U`` (writes the output space) and ``V`` (reads the input space). The control
-token is decoded into the adapted query q′. See ``docs/method.md`` §3 (the
-hypernetwork) and §4 (the scoring math).
-
-Two variants share the module:
-
-``"paper"`` (the default) follows the paper: T = U Vᵀ (pure rank r), q′ = normalize(MLP(ctx)),
-a learned step embedding, decoders with LayerNorm. The token banks start at zero as in the paper
-but the whole sequence [ctx; U; V] gets sinusoidal positions 0..2r, so that the U and V banks
-receive different inputs and do not stay identical (``docs/method.md`` §3.2, §6 A10 — with
-shared positions the permutation-equivariant transformer updates both banks identically).
-
-``"reference"`` reproduces the released checkpoints of the reference implementation
-(``docs/method.md`` §3.3, §3.4): T = I + α Û V̂ᵀ with Frobenius-normalised factors,
-q′ = normalize((1−λ) MLP(ctx) + λq), a sinusoidal step code through an MLP, shared positions
-pe[0:r] on both banks, and 5 % token dropout while training. Load such checkpoints with
-:func:`quari.checkpoint.load_reference`. At inference its V bank equals its U bank at every
-step, so the pass folds it away (``docs/method.md`` §3.5).
-"""
+"""The hypernetwork module :class:`QuARIModel`: layers, the training pass over
+[ctx; U; V], the inference pass from the layers' weights (folded for the reference variant),
+CUDA graphs and CPU runtimes (see :mod:`quari.hypernet`)."""
 
 from __future__ import annotations
 
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quari.adaptation import Adaptation
-from quari.errors import LimitError, QuARIInputError
+from quari.errors import QuARIInputError
+from quari.hypernet.config import HyperNetConfig
 from quari.runtime import chunked
 from quari.validation import as_embeddings
 
-__all__ = ["LINEAR_ROLES", "HyperNetConfig", "LinearFn", "QuARIModel"]
-
-Variant = Literal["paper", "reference"]
-Init = Literal["default", "identity"]
-
-#: Largest value each size field may take (far above any real model; they stop a hostile or
-#: mistyped config from allocating tens of GB).
-SIZE_CEILINGS: dict[str, int] = {
-    "embedding_dim": 16384,
-    "rank": 4096,
-    "hidden_dim": 16384,
-    "num_layers": 128,
-    "num_heads": 1024,
-    "num_steps": 128,
-}
+__all__ = ["LINEAR_ROLES", "LinearFn", "QuARIModel", "sinusoidal_table", "step_code"]
 
 #: An affine map x ↦ x Wᵀ + b of the inference pass (``F.linear`` with a layer's weights, or
 #: a runtime's reduced-precision or prepacked version of it).
@@ -64,129 +30,6 @@ LinearFn = Callable[[torch.Tensor], torch.Tensor]
 #: inference FLOPs (docs/method.md §3.5), so runtimes replace these (by
 #: :meth:`QuARIModel.transformer_linears` names) and keep the rest of the pass in fp32.
 LINEAR_ROLES = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
-
-# Per-variant defaults for the fields left as None in HyperNetConfig.
-_VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
-    "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0},
-    "reference": {"query_residual_weight": 0.5, "token_dropout": 0.05, "anchor_scale": 0.8},
-}
-
-
-@dataclass(frozen=True)
-class HyperNetConfig:
-    """Shape and behaviour of a :class:`QuARIModel`.
-
-    Args:
-        embedding_dim: E, the backbone embedding size (768 for CLIP ViT-L, 1024 for SigLIP2-L …).
-        rank: r, the rank of the low-rank part of T (paper: 64).
-        hidden_dim: H, the transformer width (reference code: 512).
-        num_layers: Transformer encoder layers (paper: 4).
-        num_heads: Attention heads; must divide ``hidden_dim``.
-        num_steps: Refinement steps L (reference code: 4; 1 = the "w/o iterative" ablation).
-        dropout: Dropout inside the encoder, transformer and decoders (training only).
-        variant: ``"paper"`` or ``"reference"`` (see the module docstring).
-        anchor_scale: α in T = I + α Û V̂ᵀ. Reference variant only (default 0.8); the paper
-            variant is pure low rank and rejects a value here.
-        query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q). Defaults: paper 0.0,
-            reference 0.5.
-        token_dropout: Probability of zeroing a whole U/V token after each step while training.
-            Defaults: paper 0.0, reference 0.05.
-        normalize_factors: Reference variant: divide U and V by their Frobenius norms
-            (``use_fro_norm`` in the reference code).
-        init: ``"default"`` (PyTorch's initialisation of every layer) or ``"identity"``: the
-            last layers of the query decoder and of the U decoder start at zero, so an
-            untrained model is exactly the frozen backbone — q′ = q and T = I + α·0·Vᵀ = I —
-            and training moves away from cosine only where that lowers the loss (the V
-            decoder stays random, so U receives a gradient at once: LoRA's zero/random
-            pair). Needs the reference form (T = I + α U Vᵀ, which contains I) and
-            ``normalize_factors=False`` (U/‖U‖_F has no usable gradient at U = 0). Only the
-            starting point differs: a saved model loads the same either way.
-
-    Example:
-        >>> cfg = HyperNetConfig(embedding_dim=768)
-        >>> cfg.rank, cfg.query_residual_weight
-        (64, 0.0)
-    """
-
-    embedding_dim: int
-    rank: int = 64
-    hidden_dim: int = 512
-    num_layers: int = 4
-    num_heads: int = 8
-    num_steps: int = 4
-    dropout: float = 0.0
-    variant: Variant = "paper"
-    anchor_scale: float | None = None
-    query_residual_weight: float | None = None
-    token_dropout: float | None = None
-    normalize_factors: bool = True
-    init: Init = "default"
-
-    def __post_init__(self) -> None:
-        if self.variant not in _VARIANT_DEFAULTS:
-            raise QuARIInputError(f"variant must be 'paper' or 'reference', got {self.variant!r}")
-        for name, ceiling in SIZE_CEILINGS.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise QuARIInputError(f"{name} must be a positive integer, got {value!r}")
-            if value > ceiling:
-                raise LimitError(
-                    f"{name} = {value} is above quari's ceiling of {ceiling} (a config this "
-                    "large is a mistake or a hostile file)"
-                )
-        if self.rank > self.embedding_dim:
-            raise QuARIInputError(
-                f"rank ({self.rank}) cannot exceed embedding_dim ({self.embedding_dim})"
-            )
-        if self.hidden_dim % self.num_heads:
-            raise QuARIInputError(
-                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})"
-            )
-        if self.hidden_dim % 2:
-            raise QuARIInputError(
-                f"hidden_dim must be even (sinusoidal codes), got {self.hidden_dim}"
-            )
-        if self.variant == "paper" and self.anchor_scale not in (None, 0, 0.0):
-            raise QuARIInputError(
-                "anchor_scale applies to the reference variant only (the paper's T is pure "
-                f"low rank); got anchor_scale={self.anchor_scale} with variant='paper'"
-            )
-        if self.init not in ("default", "identity"):
-            raise QuARIInputError(f"init must be 'default' or 'identity', got {self.init!r}")
-        if self.init == "identity" and (self.variant != "reference" or self.normalize_factors):
-            raise QuARIInputError(
-                "init='identity' needs variant='reference' (T = I + α U Vᵀ; the paper's pure "
-                "low-rank T cannot be I) and normalize_factors=False (U/‖U‖_F has no usable "
-                f"gradient at U = 0); got variant={self.variant!r}, "
-                f"normalize_factors={self.normalize_factors}"
-            )
-        for name, value in _VARIANT_DEFAULTS[self.variant].items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, value)
-        for name in ("dropout", "token_dropout", "query_residual_weight"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
-                raise QuARIInputError(f"{name} must lie in [0, 1), got {value}")
-        if self.init == "identity" and not self.query_residual_weight > 0:
-            raise QuARIInputError(
-                "init='identity' needs query_residual_weight > 0 (q′ = normalize((1−λ)·0 + λq) "
-                "= q at the start; with λ = 0 the zero decoder gives no query)"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HyperNetConfig:
-        """Builds a config from :meth:`to_dict` output, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise QuARIInputError(
-                f"unknown HyperNetConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**data)
 
 
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
