@@ -190,3 +190,24 @@ def test_durations_read_well():
         "1h02m",
         "?",
     ]
+
+
+def test_graceful_stop_pickles_under_a_foreign_local_handler(tmp_path):
+    """DDP spawn pickles the callbacks while GracefulStop holds the previous handlers; one that
+    another library installed as a local function (Ray does) must not break the spawn."""
+    import pickle
+
+    from quari.training.callbacks import GracefulStop, RunCheckpoints
+
+    def local_handler(signum, frame):  # not picklable: a local function
+        pass
+
+    before = signal.signal(signal.SIGTERM, local_handler)
+    try:
+        stop = GracefulStop(RunCheckpoints.__new__(RunCheckpoints))
+        with stop:
+            clone = pickle.loads(pickle.dumps(stop))
+            assert clone._previous == {} and clone.phase == stop.phase
+        assert signal.getsignal(signal.SIGTERM) is local_handler  # restored on exit
+    finally:
+        signal.signal(signal.SIGTERM, before)

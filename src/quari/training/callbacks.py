@@ -342,6 +342,14 @@ class GracefulStop(Callback):
             signal.signal(sig, handler)
         self._previous = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # DDP spawn pickles the callbacks. The handlers this process had before (e.g. one Ray
+        # installed, a local function) belong to it alone and need not pickle: the spawned
+        # workers never restore them.
+        state = self.__dict__.copy()
+        state["_previous"] = {}
+        return state
+
     def _handle(self, signum: int, frame: Any) -> None:
         first = self.signum is None
         self.signum = signum
