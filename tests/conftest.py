@@ -29,3 +29,14 @@ def fixture_dir() -> Path:
 settings.register_profile("quari", max_examples=100, deadline=None)
 settings.register_profile("thorough", max_examples=2000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quari"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (modules opt in with ``pytestmark``): on a shared
+    2-core machine two threads wait on each other, and one ran the small training steps of
+    these tests several times faster under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

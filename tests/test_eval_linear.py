@@ -20,12 +20,7 @@ from quari.training.config import TrainSource
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def distorted_pairs(root, n=600, dim=24, seed=0):

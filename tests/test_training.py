@@ -24,14 +24,7 @@ from quari.training.module import VAL_TOP_K, QuARITrainingModule, validation_met
 
 from helpers import tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On 2 shared cores one intra-op thread is several times faster for these small models.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SMALL = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)

@@ -12,7 +12,6 @@ download): the synthetic stand-in of the other track tests says nothing about qu
 from __future__ import annotations
 
 import pytest
-import torch
 
 from quari.checkpoint import load_model
 from quari.errors import DataError, NotFoundError
@@ -33,14 +32,7 @@ STEPS = 60
 MARGIN = {"t2i": 0.02, "i2i": 0.02}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine two torch threads wait on each other: one ran these small
-    # steps ~3x faster under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scores(track, model) -> dict[str, float]:

@@ -25,12 +25,7 @@ from helpers import tiny_config
 SPEC = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def identity_config(**kw) -> HyperNetConfig:
