@@ -7,6 +7,7 @@ wrong dimension, a NaN or an empty batch fails the same way everywhere: with a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -20,11 +21,31 @@ __all__ = [
     "QuARIInputError",
     "as_embeddings",
     "check_device",
+    "check_fields",
     "check_k",
     "load_array_file",
     "nonfinite_rows",
     "unit_rows",
 ]
+
+
+def check_fields(cls: type, keys: Any, what: str, exclude: tuple[str, ...] = ()) -> None:
+    """Refuses keys that are not fields of the dataclass ``cls``, naming them and the known
+    ones (configs read from files and spec options go through this before ``cls(**keys)``).
+
+    Args:
+        cls: A dataclass.
+        keys: The names given.
+        what: How the message names them, e.g. ``"HyperNetConfig field"``.
+        exclude: Fields that may not be given this way.
+
+    Raises:
+        QuARIInputError: ``unknown {what}(s) [...]; known: [...]``.
+    """
+    known = {f.name for f in dataclasses.fields(cls)} - set(exclude)
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise QuARIInputError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:

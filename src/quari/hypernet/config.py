@@ -3,10 +3,11 @@ size ceilings that stop a hostile or mistyped config before it allocates."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from quari.errors import LimitError, QuARIInputError
+from quari.validation import check_fields
 
 __all__ = ["SIZE_CEILINGS", "HyperNetConfig", "Init", "Variant"]
 
@@ -140,10 +141,5 @@ class HyperNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HyperNetConfig:
         """Builds a config from :meth:`to_dict` output, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise QuARIInputError(
-                f"unknown HyperNetConfig field(s) {unknown}; known fields: {sorted(known)}"
-            )
+        check_fields(cls, data, "HyperNetConfig field")
         return cls(**data)

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from quari.errors import QuARIInputError, StoreError
 from quari.fileio import atomic_write
 from quari.index.base import CandidateIndex, Selection, StaleIndexError, selected_rows
 from quari.store import EmbeddingSet
-from quari.validation import as_embeddings, check_k
+from quari.validation import as_embeddings, check_fields, check_k
 
 __all__ = [
     "FaissIndex",
@@ -73,12 +73,7 @@ class IndexConfig:
     @classmethod
     def from_options(cls, factory: str | None, options: dict[str, Any]) -> IndexConfig:
         """A config from a spec's factory and keyword options, naming unknown options."""
-        known = {f.name for f in fields(cls)} - {"factory"}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise QuARIInputError(
-                f"unknown FAISS index option(s) {unknown}; known: {sorted(known)}"
-            )
+        check_fields(cls, options, "FAISS index option", exclude=("factory",))
         return cls(factory=factory, **options)
 
 

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pyarrow as pa
 from quari import __version__
 from quari.errors import LockError, QuARIInputError, StoreError, missing_extra
 from quari.store import EmbeddingSet
+from quari.validation import check_fields
 
 __all__ = [
     "MARK",
@@ -96,12 +97,7 @@ class MilvusConfig:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> MilvusConfig:
         """A config from keyword options (``fields`` also as ``"a,b"``), naming unknown ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise QuARIInputError(
-                f"unknown Milvus index option(s) {unknown}; known: {sorted(known)}"
-            )
+        check_fields(cls, options, "Milvus index option")
         options = dict(options)
         names = options.get("fields", ())
         names = names.split(",") if isinstance(names, str) else names

@@ -23,13 +23,13 @@ Fields left as ``None`` take the preset's value; anything set explicitly wins.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from quari.hypernet import HyperNetConfig
 from quari.training.mining import MiningConfig
-from quari.validation import QuARIInputError
+from quari.validation import QuARIInputError, check_fields
 
 __all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "device_kind"]
 
@@ -383,10 +383,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of :meth:`to_dict`."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise QuARIInputError(f"unknown TrainConfig field(s) {unknown}")
+        check_fields(cls, data, "TrainConfig field")
         data = dict(data)
         data["train"] = tuple(TrainSource(Path(s["path"]), s["ratio"]) for s in data["train"])
         data["mining"] = MiningConfig(**data.get("mining", {}))
