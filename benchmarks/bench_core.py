@@ -6,7 +6,8 @@ Measures, on this machine and in one run (so the ratios compare like with like):
   batch 1 / 32 / 256 for each torch thread count, and which count is fastest;
 * the CPU runtimes of the hypernetwork (``quari.runtime``) side by side, for both variants:
   the pass before the fold (``transformer_factors``: ``nn.TransformerEncoder`` over
-  [ctx; U; V]) beside ``eager`` (the default), ``compile``, ``onnx``, ``bf16`` and ``int8``
+  [ctx; U; V]) beside ``eager`` (the default: folded, MKL-prepacked weights at small batches),
+  the same pass with unpacked weights, ``compile``, ``onnx``, ``bf16`` and ``int8``
   (and the reference implementation with ``--reference-code``), in ms per query at batch
   1 / 32 / 256 and end to end with a re-rank of 1,000 candidates; this CPU's fp32 / bf16
   GEMM rate and the FLOP floor; each reduced-precision runtime's quality guard (top-10
@@ -233,6 +234,7 @@ def bench_rerank(E: int, r: int, M: int, batches: list[int], repeats: int) -> li
 
 # -- CPU runtimes of the hypernetwork ----------------------------------------------------------
 BEFORE = "before (nn.TransformerEncoder)"
+UNPACKED = "eager, unpacked weights"
 REFERENCE_IMPL = "reference implementation"
 
 
@@ -321,7 +323,9 @@ def runtime_paths(model: QuARIModel, names: list[str], timings: dict) -> dict:
     """name → callable(q) → (q′, U, V); ``timings[name]["build_s"]`` gets each build time."""
     from quari.runtime import build_runtime
 
-    paths = {BEFORE: model.transformer_factors}
+    # The default pass without MKL's prepacked weights (what eager was before packing).
+    paths = {BEFORE: model.transformer_factors, UNPACKED: model.predict_factors}
+    timings[UNPACKED] = {}
     for name in names:
         start = time.perf_counter()
         try:

@@ -13,10 +13,13 @@ from quari import QuARIInputError, QuARIModel
 from quari.checkpoint import load_reference
 from quari.errors import MissingDependencyError
 from quari.runtime import (
+    PACK_MAX_ROWS,
+    PACK_SETS,
     REQUIRED_AGREEMENT,
     Runtime,
     build_runtime,
     choose_runtime,
+    mkl_packing_available,
     probe_set,
     quality_guard,
 )
@@ -218,10 +221,68 @@ def test_large_batches_run_in_near_equal_chunks(monkeypatch, name):
     for a, b in zip(parts, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     if name == "eager":  # the model's own default path chunks the same way
-        spy, predict = [], model.predict_factors
+        spy, eager = [], model.eager_factors
         monkeypatch.setattr(
-            model, "predict_factors", lambda part: spy.append(len(part)) or predict(part)
+            model, "eager_factors", lambda part: spy.append(len(part)) or eager(part)
         )
         with torch.inference_mode():
             model(q)
         assert spy == [4, 4, 3]
+
+
+needs_mkl = pytest.mark.skipif(not mkl_packing_available(), reason="this torch has no MKL")
+
+
+def _packed_rows(model: QuARIModel) -> list[int]:
+    return list(model._packs._sets)
+
+
+@needs_mkl
+@pytest.mark.parametrize("variant", ["reference", "paper"])
+def test_default_pass_reads_prepacked_weights_at_small_batches(variant):
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config(variant)).eval()
+    tokens = 1 + (1 if variant == "reference" else 2) * model.config.rank
+    big = PACK_MAX_ROWS // tokens + 1  # one query more than packing takes
+    for batch in (1, 3, big):
+        q = torch.nn.functional.normalize(torch.randn(batch, 24), dim=-1)
+        with torch.inference_mode():
+            got = model(q)
+            want = model.to_adaptation(*model.predict_factors(q))
+        torch.testing.assert_close(got.refined_query, want.refined_query, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.U, want.U, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got.V, want.V, atol=1e-6, rtol=0)
+    assert _packed_rows(model) == [tokens, 3 * tokens]  # not the batch past PACK_MAX_ROWS
+
+
+@needs_mkl
+def test_packed_weights_follow_weight_edits_and_are_bounded():
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()
+    q = torch.nn.functional.normalize(torch.randn(1, 24), dim=-1)
+    with torch.inference_mode():
+        before = model(q).U
+    with torch.no_grad():  # an in-place edit: same storage, new version
+        model.transformer.layers[0].linear1.weight.mul_(-1.0)
+    with torch.inference_mode():
+        after = model(q).U
+        want = model.predict_factors(q)[1]
+    torch.testing.assert_close(after, want, atol=1e-6, rtol=0)
+    assert (after - before).abs().max() > 1e-4
+    with torch.inference_mode():
+        for batch in range(1, PACK_SETS + 3):
+            model(torch.randn(batch, 24))
+    assert _packed_rows(model) == [5 * b for b in range(3, PACK_SETS + 3)]  # LRU: newest kept
+    model.train()
+    assert _packed_rows(model) == []
+
+
+@needs_mkl
+def test_autograd_and_training_never_read_packed_weights():
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference")).eval()
+    q = torch.nn.functional.normalize(torch.randn(2, 24), dim=-1)
+    loss = model(q).U.sum()  # grad mode, parameters require grad: the plain pass
+    loss.backward()
+    assert model.transformer.layers[0].linear1.weight.grad is not None
+    assert _packed_rows(model) == []

@@ -16,7 +16,7 @@ from torch import nn
 from quari.adaptation import Adaptation
 from quari.errors import QuARIInputError
 from quari.hypernet.config import HyperNetConfig
-from quari.runtime import chunked
+from quari.runtime import PackedLinears, chunked
 from quari.validation import as_embeddings
 
 __all__ = ["LINEAR_ROLES", "LinearFn", "QuARIModel", "sinusoidal_table", "step_code"]
@@ -105,6 +105,7 @@ class QuARIModel(nn.Module):
         self.metadata: dict[str, Any] = {}
         self._cuda_graphs: Any = None  # quari.kernels.graphs.GraphedForward when enabled
         self._runtime: Any = None  # a quari.runtime.Runtime other than the eager default
+        self._packs = PackedLinears()  # the eager default's prepacked weights (small batches)
         E, H, r = config.embedding_dim, config.hidden_dim, config.rank
         paper = config.variant == "paper"
 
@@ -205,7 +206,7 @@ class QuARIModel(nn.Module):
             if runtime is not None and runtime.accepts(self, q):
                 refined, U, V = runtime(q)
             elif not self.training and q.device.type == "cpu":
-                refined, U, V = chunked(self, self.predict_factors, q)  # large batches in chunks
+                refined, U, V = chunked(self, self.eager_factors, q)  # large batches in chunks
             else:
                 refined, U, V = self.predict_factors(q)
         return self.to_adaptation(refined, U, V)
@@ -270,6 +271,13 @@ class QuARIModel(nn.Module):
                 return self._inference_factors(q, True, {})
             return self.transformer_factors(q)
         return self._inference_factors(q, fold, linears or {})
+
+    def eager_factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`predict_factors` as the default (``eager``) runtime runs it: in eval mode
+        without autograd on a CPU with MKL, small batches read prepacked transformer weights
+        (:class:`quari.runtime.PackedLinears`; fp32, equal to rounding); otherwise the plain
+        pass."""
+        return self.predict_factors(q, linears=self._packs.linears(self, q))
 
     def _fold_in_training(self) -> bool:
         cfg = self.config
@@ -483,20 +491,24 @@ class QuARIModel(nn.Module):
     def train(self, mode: bool = True) -> QuARIModel:
         if mode:
             self._runtime = None  # training changes the weights the runtime copied
+            self._packs.clear()
         return super().train(mode)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._runtime = None  # new weights: the runtime's copies would be stale
+        self._packs.clear()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles run eagerly: runtimes hold sessions and compiled code.
         state = self.__dict__.copy()
         state["_runtime"] = None
+        state["_packs"] = PackedLinears()
         return state
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() … replace the parameters that the graphs and runtimes read.
         self._cuda_graphs = None
         self._runtime = None
+        self._packs.clear()
         return super()._apply(fn, *args, **kwargs)
