@@ -125,6 +125,7 @@ def test_items_and_info(client):
     info = client.get("/info").json()
     assert info["rows"] == ROWS and info["dim"] == 16 and info["encoder"] == "toy"
     assert info["has_model"] and info["text_queries"] and info["images"]
+    assert info["runtime"] == "eager"
     assert info["modes"] == ["plain", "rerank", "adaptive", "scan"]
     assert info["columns"] == ["path", "label", "group"]
 

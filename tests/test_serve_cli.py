@@ -66,15 +66,19 @@ class Server:
         return self.url
 
 
-def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path):
+def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("QUARI_CACHE_DIR", str(tmp_path / "cache"))  # the ONNX export's home
     served = make_served(tmp_path)
-    server = Server([str(served.root), "--model", str(served.model_dir), "--request-timeout", "1"])
+    model = ["--model", str(served.model_dir), "--runtime", "onnx"]  # fp32: the eager ranking
+    server = Server([str(served.root), *model, "--request-timeout", "1"])
     try:
         url = server.wait_ready()
         assert url.startswith("http://127.0.0.1:")  # loopback by default
         with httpx.Client(base_url=url, timeout=10) as c:
             assert c.get("/healthz").json() == {"status": "ok"}
             assert c.get("/readyz").status_code == 200
+            assert c.get("/info").json()["runtime"] == "onnx"
             vector = served.eset.gather([5]).astype(np.float32)[0].tolist()
             r = c.post("/search", json={"embedding": vector, "k": 3})
             assert r.status_code == 200 and r.json()["mode"] == "adaptive"
@@ -118,3 +122,9 @@ def test_serve_reports_bad_arguments_before_binding(tmp_path):
     served = make_served(tmp_path)
     out = runner.invoke(app, ["serve", str(served.root), "--max-k", "0"])
     assert out.exit_code == 2 and "max_k must be a positive integer" in out.output
+    out = runner.invoke(app, ["serve", str(served.root), "--runtime", "int8"])
+    assert out.exit_code == 2 and "--runtime int8 needs a QuARI model" in out.output
+    out = runner.invoke(
+        app, ["serve", str(served.root), "--model", str(served.model_dir), "--runtime", "fast"]
+    )
+    assert out.exit_code == 2 and "runtime must be one of" in out.output

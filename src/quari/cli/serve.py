@@ -12,9 +12,10 @@ import typer
 from quari.checkpoint import load_model
 from quari.cli import app, console, friendly_errors
 from quari.encoders import EncoderConfig, load_encoder
-from quari.errors import missing_extra
+from quari.errors import QuARIInputError, missing_extra
 from quari.index import CandidateIndex
 from quari.retriever import Retriever
+from quari.runtime import RUNTIMES
 from quari.store import EmbeddingSet
 
 
@@ -36,6 +37,15 @@ def serve(
             "service answers embeddings and item ids."
         ),
     ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help=f"How the model runs on a CPU, one of {', '.join(RUNTIMES)}: eager (default, "
+            "fp32), onnx (fp32 through ONNX Runtime, extra onnx; fastest at small batches on "
+            "our test CPU), bf16/int8 (reduced precision), auto (the fastest that passes the "
+            "quality guard, measured at start-up). docs/results.md, CPU runtimes."
+        ),
+    ] = "eager",
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = (
         "127.0.0.1"
     ),
@@ -87,12 +97,17 @@ def serve(
     eset = EmbeddingSet.open(set_path)
     index = CandidateIndex.load(eset) if CandidateIndex.exists(eset) else None
     quari_model = load_model(model) if model is not None else None
+    if runtime != "eager":
+        if not hasattr(quari_model, "set_runtime"):
+            raise QuARIInputError(f"--runtime {runtime} needs a QuARI model (--model)")
+        quari_model.set_runtime(runtime)
     query_encoder = load_encoder(encoder, EncoderConfig(device=device)) if encoder else None
     retriever = Retriever(eset, quari_model, index, encoder=query_encoder, device=device)
     web = create_app(retriever, settings)
     console.print(
         f"serving {eset.root} ({eset.rows:,} rows) on http://{host}:{port}/ "
-        f"(model: {model or 'none'}, encoder: {encoder or 'none'}, index: "
+        f"(model: {model or 'none'}{f', runtime {runtime}' if model else ''}, "
+        f"encoder: {encoder or 'none'}, index: "
         f"{index.spec if index is not None else 'none'})",
         highlight=False,
     )

@@ -105,6 +105,9 @@ class Info(BaseModel):
     dim: int
     encoder: str
     has_model: bool
+    runtime: str | None = Field(
+        default=None, description="The model's CPU runtime (quari.runtime); null without one."
+    )
     text_queries: bool
     image_queries: bool
     images: bool = Field(description="Items have image files the service can show.")

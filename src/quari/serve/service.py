@@ -227,6 +227,7 @@ class Service:
             dim=self.eset.dim,
             encoder=self.eset.encoder,
             has_model=self.retriever.model is not None,
+            runtime=getattr(self.retriever.model, "runtime", None),
             text_queries=has_encoder,
             image_queries=has_encoder,
             images=self.images.has_paths,
