@@ -24,8 +24,10 @@ Usage::
     python benchmarks/quality.py --track /tmp/tracks-small --rows cosine,linear,default
     python benchmarks/quality.py --track /tmp/tracks-small --split val --seeds 1
 
-Writes ``benchmarks/results/quality_<track folder name>.json`` (or ``--json``) and prints a
-table. The machine is shared: wall times are indicative only.
+Writes ``benchmarks/results/quality_<track folder name>.json`` (or ``--json``) and, from seed 0
+of every row, ``quari eval report``'s markdown and plots (``--report``; per track: mAP per
+method, mAP against search time, the rank and steps sweeps), and prints a table. The machine
+is shared: wall times are indicative only.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,7 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import machine
 from quari.checkpoint import load_model
 from quari.eval.linear import LinearTrainConfig, train_linear
+from quari.eval.protocols.base import EvalResult
 from quari.eval.protocols.custom import CustomEvaluator
+from quari.eval.report import write_report
 from quari.training import TrainConfig, TrainSource, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,25 +81,37 @@ ROWS: dict[str, dict | None] = {
 }
 
 
-def evaluate(track: Path, split: str, model) -> dict[str, float]:
-    """mAP@100 of ``model`` (None: cosine) on both tracks' ``split``."""
+#: The rows that make the report's rank and steps sweeps (the others leave those fields out,
+#: so that each plot shows one sweep of the default recipe).
+SWEEPS = {"rank": ("default", "rank 32", "rank 64"), "steps": ("single step", "default", "steps 4")}
+
+
+def evaluate(track: Path, split: str, model, row: str) -> dict[str, EvalResult]:
+    """Both tracks' ``split`` results of ``model`` (None: cosine), named for the report:
+    protocol ``fashion-t2i`` / ``fashion-i2i``, method name ``row``."""
     out = {}
     for name in TRACKS:
         ev = CustomEvaluator(
             track / name / split / "queries.parquet", track / name / split / "gallery"
         )
         mode = "plain" if model is None else "scan"
-        out[name] = ev.evaluate(model, mode=mode).metrics["ap@100"]
+        result = ev.evaluate(model, mode=mode, name=row)
+        method = {k: v for k, v in result.method.items()
+                  if k not in SWEEPS or row in SWEEPS[k]}  # fmt: skip
+        out[name] = replace(result, protocol=f"fashion-{name}", split=split, method=method)
     return out
 
 
-def run_row(track: Path, row: str, seed: int, split: str, work: Path, max_steps: int | None):
-    """One row at one seed: {"t2i", "i2i", "train_s", "steps"}."""
+def run_row(
+    track: Path, row: str, seed: int, split: str, work: Path, max_steps: int | None
+) -> tuple[dict, dict[str, EvalResult]]:
+    """One row at one seed: ({"t2i", "i2i", "train_s", "steps"}, the two EvalResults)."""
     source = (TrainSource(track / "train"),)
     out = work / f"{row.replace(' ', '-')}-{seed}"
     started = time.perf_counter()
     if row == "cosine":
-        return {**evaluate(track, split, None), "train_s": 0.0, "steps": 0}
+        results = evaluate(track, split, None, row)
+        return {**_scores(results), "train_s": 0.0, "steps": 0}, results
     if row == "linear":
         cfg = LinearTrainConfig(train=source, out=out, image_key="item", seed=seed, progress=False)
         result = train_linear(cfg)
@@ -112,8 +129,12 @@ def run_row(track: Path, row: str, seed: int, split: str, work: Path, max_steps:
         )
         steps = train(cfg).steps
     seconds = time.perf_counter() - started
-    scores = evaluate(track, split, load_model(out))
-    return {**scores, "train_s": round(seconds, 1), "steps": steps}
+    results = evaluate(track, split, load_model(out), row)
+    return {**_scores(results), "train_s": round(seconds, 1), "steps": steps}, results
+
+
+def _scores(results: dict[str, EvalResult]) -> dict[str, float]:
+    return {name: r.metrics["ap@100"] for name, r in results.items()}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -135,6 +156,13 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="QuARI steps per row")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="folder for `quari eval report`'s markdown and plots of seed 0 of every row "
+        "(default: benchmarks/results/quality_<track>_report)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -144,6 +172,8 @@ def main() -> None:
     results: dict = {}
     track_info = json.loads((args.track / "track.json").read_text())
     path = args.json or RESULTS / f"quality_{args.track.name}.json"
+    report = args.report or RESULTS / f"quality_{args.track.name}_report"
+    evaluated: list[EvalResult] = []
 
     def write() -> None:  # after every row, so an interrupted run keeps what it measured
         payload = {
@@ -166,8 +196,10 @@ def main() -> None:
             seeds = range(args.seeds if row in HEADLINE else 1)
             runs = [run_row(args.track, row, s, args.split, Path(tmp), args.max_steps)
                     for s in seeds]  # fmt: skip
-            results[row] = summarise(runs)
+            results[row] = summarise([scores for scores, _ in runs])
+            evaluated.extend(runs[0][1].values())
             write()
+            write_report(evaluated, report)
             r = results[row]
             print(
                 f"{row:<18} t2i {r['t2i']:.4f} ± {r['t2i_std']:.4f}   "
@@ -185,7 +217,7 @@ def main() -> None:
             f"{row:<18} {r['t2i']:.4f}±{r['t2i_std']:.4f}  {r['i2i']:.4f}±{r['i2i_std']:.4f} "
             f"{rel:>18} {r['train_s']:>6.0f}"
         )
-    print(f"\nwrote {path}")
+    print(f"\nwrote {path} and {report}/report.md")
 
 
 if __name__ == "__main__":
