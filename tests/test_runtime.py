@@ -12,14 +12,12 @@ import torch
 from quari import QuARIInputError, QuARIModel
 from quari.checkpoint import load_reference
 from quari.errors import MissingDependencyError
+from quari.hypernet.packing import PACK_MAX_ROWS, PACK_SETS, mkl_packing_available
 from quari.runtime import (
-    PACK_MAX_ROWS,
-    PACK_SETS,
     REQUIRED_AGREEMENT,
     Runtime,
     build_runtime,
     choose_runtime,
-    mkl_packing_available,
     probe_set,
     quality_guard,
 )

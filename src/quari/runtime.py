@@ -7,7 +7,7 @@ name        arithmetic                       what runs
 =========== ================================ ============================================
 ``eager``   fp32 (the default; exact)        PyTorch, the folded inference pass; small
                                              batches read MKL-prepacked weights
-                                             (:class:`PackedLinears`)
+                                             (``quari.hypernet.packing``)
 ``compile`` fp32 (exact to rounding)         ``torch.compile`` (inductor) of that pass,
                                              one compilation per batch size
 ``onnx``    fp32 (exact to rounding)         ONNX Runtime on the exported pass (extra
@@ -50,7 +50,6 @@ import os
 import statistics
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -69,12 +68,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHUNK_ROWS",
-    "PACK_MAX_ROWS",
-    "PACK_SETS",
     "REQUIRED_AGREEMENT",
     "RUNTIMES",
     "GuardReport",
-    "PackedLinears",
     "Runtime",
     "build_runtime",
     "cache_dir",
@@ -83,7 +79,6 @@ __all__ = [
     "chunked",
     "cpu_flags",
     "has_native_bf16",
-    "mkl_packing_available",
     "probe_set",
     "quality_guard",
 ]
@@ -147,107 +142,6 @@ def chunked(model: QuARIModel, run, q: torch.Tensor):
     size = -(-batch // -(-batch // most))  # ceil(batch / chunks): no small remainder chunk
     parts = [run(part) for part in q.split(size)]
     return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
-
-
-#: Largest row count (queries × sequence length) whose GEMMs read prepacked weights: at these
-#: sizes packing the weight is a large share of each GEMM call (bench_core: the paper-sized
-#: pass at batch 1 spends ~20 % less time in its GEMMs); at larger sizes MKL's own packing is
-#: amortised and the gain vanishes.
-PACK_MAX_ROWS = 1024
-
-#: Row counts whose packed weights are kept at once (least recently used dropped first). Each
-#: set is resident memory the size of the transformer's weights.
-PACK_SETS = 4
-
-
-@cache
-def _mkl_ops() -> tuple[Any, Any] | None:
-    """MKL's (pack, packed linear) ops, or None where this torch has no MKL (non-x86 builds).
-
-    They are underscore-named ATen operators (what inductor's weight freezing emits on x86),
-    not private Python members; there is no public spelling.
-    """
-    if not torch.backends.mkl.is_available():
-        return None
-    try:
-        ops = torch.ops.mkl
-        return ops._mkl_reorder_linear_weight, ops._mkl_linear  # noqa: SLF001
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def mkl_packing_available() -> bool:
-    """Whether this torch has MKL's packed sgemm (x86 builds): ``mkl::_mkl_linear``."""
-    return _mkl_ops() is not None
-
-
-class _PackedLinear:
-    """x ↦ x Wᵀ + b through MKL's packed sgemm, for inputs of exactly ``rows`` rows.
-
-    The same fp32 arithmetic as ``F.linear`` (it differs by summation order only, ~1e-7);
-    other row counts fall back to the unpacked weight inside the op.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int) -> None:
-        pack, self._linear = _mkl_ops()
-        self.weight, self.bias, self.rows = weight, bias, rows
-        self.packed = pack(weight.detach(), rows)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._linear(x, self.packed, self.weight, self.bias, self.rows)
-
-
-class PackedLinears:
-    """The default fp32 pass's prepacked transformer weights, one set per row count.
-
-    A GEMM with few rows — the hypernetwork at small batches, 1 + r rows per query — spends a
-    large share of its time reordering the weight matrix into the layout its kernel reads;
-    MKL can do that once (``cblas_sgemm_pack``) and keep it. A set is made the first time a
-    row count of at most :data:`PACK_MAX_ROWS` is seen (~30 ms for the paper-sized model), at
-    most :data:`PACK_SETS` are kept, and all are dropped when any weight changes (its data
-    pointer or in-place version counter) or the model is moved, cast, trained or reloaded.
-    """
-
-    def __init__(self) -> None:
-        self._sets: OrderedDict[int, dict[str, _PackedLinear]] = OrderedDict()
-        self._stamp: tuple[tuple[int, int], ...] | None = None
-
-    def clear(self) -> None:
-        """Drops every packed set."""
-        self._sets.clear()
-        self._stamp = None
-
-    def linears(self, model: QuARIModel, q: torch.Tensor) -> dict[str, _PackedLinear] | None:
-        """The packed maps for queries ``q`` (a :meth:`~quari.QuARIModel.predict_factors`
-        ``linears`` argument), or ``None`` where packing does not apply or pay: training,
-        autograd, not fp32 on the CPU, no MKL, or more than :data:`PACK_MAX_ROWS` rows."""
-        if model.training or q.device.type != "cpu" or q.dtype != torch.float32:
-            return None
-        if torch.is_grad_enabled() and (
-            q.requires_grad or any(p.requires_grad for p in model.parameters())
-        ):
-            return None  # the packed op has no backward
-        cfg = model.config
-        rows = q.shape[0] * (1 + (1 if cfg.variant == "reference" else 2) * cfg.rank)
-        if rows > PACK_MAX_ROWS or not mkl_packing_available():
-            return None
-        table = model.transformer_linears()
-        if any(w.is_inference() for w, _ in table.values()):
-            return None  # made under inference_mode: no version counter tells of edits
-        # In-place edits bump a tensor's version counter (torch has no public spelling of it).
-        stamp = tuple((t.data_ptr(), t._version) for pair in table.values() for t in pair)  # noqa: SLF001
-        if stamp != self._stamp:
-            self.clear()
-            self._stamp = stamp
-        packed = self._sets.get(rows)
-        if packed is None:
-            packed = {n: _PackedLinear(w, b, rows) for n, (w, b) in table.items()}
-            self._sets[rows] = packed
-            while len(self._sets) > PACK_SETS:
-                self._sets.popitem(last=False)
-        else:
-            self._sets.move_to_end(rows)
-        return packed
 
 
 class Runtime:

@@ -16,7 +16,8 @@ from torch import nn
 from quari.adaptation import Adaptation
 from quari.errors import QuARIInputError
 from quari.hypernet.config import HyperNetConfig
-from quari.runtime import PackedLinears, chunked
+from quari.hypernet.packing import PackedLinears
+from quari.runtime import chunked
 from quari.validation import as_embeddings
 
 __all__ = ["LINEAR_ROLES", "LinearFn", "QuARIModel", "sinusoidal_table", "step_code"]
@@ -275,8 +276,8 @@ class QuARIModel(nn.Module):
     def eager_factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`predict_factors` as the default (``eager``) runtime runs it: in eval mode
         without autograd on a CPU with MKL, small batches read prepacked transformer weights
-        (:class:`quari.runtime.PackedLinears`; fp32, equal to rounding); otherwise the plain
-        pass."""
+        (:class:`~quari.hypernet.packing.PackedLinears`; fp32, equal to rounding); otherwise
+        the plain pass."""
         return self.predict_factors(q, linears=self._packs.linears(self, q))
 
     def _fold_in_training(self) -> bool:
