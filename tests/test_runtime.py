@@ -240,7 +240,8 @@ def _packed_rows(model: QuARIModel) -> list[int]:
 def test_default_pass_reads_prepacked_weights_at_small_batches(variant):
     torch.manual_seed(0)
     model = QuARIModel(tiny_config(variant)).eval()
-    tokens = 1 + (1 if variant == "reference" else 2) * model.config.rank
+    tokens = model.inference_tokens
+    assert tokens == 1 + (1 if variant == "reference" else 2) * model.config.rank
     big = PACK_MAX_ROWS // tokens + 1  # one query more than packing takes
     for batch in (1, 3, big):
         q = torch.nn.functional.normalize(torch.randn(batch, 24), dim=-1)
@@ -271,6 +272,11 @@ def test_packed_weights_follow_weight_edits_and_are_bounded():
         for batch in range(1, PACK_SETS + 3):
             model(torch.randn(batch, 24))
     assert _packed_rows(model) == [5 * b for b in range(3, PACK_SETS + 3)]  # LRU: newest kept
+    clone = copy.deepcopy(model)  # a copy starts with an empty cache of its own
+    assert _packed_rows(clone) == []
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(q).U, model(q).U, atol=1e-6, rtol=0)
+    assert _packed_rows(clone) == [5]
     model.train()
     assert _packed_rows(model) == []
 

@@ -128,9 +128,7 @@ CHUNK_ROWS = 2048
 def chunk_size(model: QuARIModel) -> int:
     """The most queries one chunk of ``model``'s inference pass takes (≥ 1): about
     :data:`CHUNK_ROWS` token rows (1 + r folded, 1 + 2r otherwise, per query)."""
-    cfg = model.config
-    tokens = 1 + (1 if cfg.variant == "reference" else 2) * cfg.rank
-    return max(1, CHUNK_ROWS // tokens)
+    return max(1, CHUNK_ROWS // model.inference_tokens)
 
 
 def chunked(model: QuARIModel, run, q: torch.Tensor):

@@ -157,6 +157,13 @@ class QuARIModel(nn.Module):
     def embedding_dim(self) -> int:
         return self.config.embedding_dim
 
+    @property
+    def inference_tokens(self) -> int:
+        """Sequence length of one query's inference pass: 1 + r with the V bank folded (the
+        reference variant), 1 + 2r otherwise."""
+        cfg = self.config
+        return 1 + (1 if cfg.variant == "reference" else 2) * cfg.rank
+
     def _step_inputs(self, like: torch.Tensor, banks: int) -> torch.Tensor:
         """(L, 1 + banks·r, H): what each step adds to the sequence [ctx; U bank; V bank]
         (``banks`` = 2) or, folded, [ctx; U bank] (``banks`` = 1).
@@ -503,8 +510,7 @@ class QuARIModel(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles run eagerly: runtimes hold sessions and compiled code.
         state = self.__dict__.copy()
-        state["_runtime"] = None
-        state["_packs"] = PackedLinears()
+        state["_runtime"] = None  # (the packed-weight cache copies itself empty)
         return state
 
     def _apply(self, fn, *args, **kwargs):

@@ -8,6 +8,7 @@ done once per row count and kept (docs/method.md §3.5). Used by
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -81,11 +82,20 @@ class PackedLinears:
     def __init__(self) -> None:
         self._sets: OrderedDict[int, dict[str, _PackedLinear]] = OrderedDict()
         self._stamp: tuple[tuple[int, int], ...] | None = None
+        # Threads that share a model (a server's workers) share the cache: one update at a time.
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}  # copies and pickles start empty: packs are a cache of the weights
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def clear(self) -> None:
         """Drops every packed set."""
-        self._sets.clear()
-        self._stamp = None
+        with self._lock:
+            self._sets.clear()
+            self._stamp = None
 
     def linears(self, model: QuARIModel, q: torch.Tensor) -> dict[str, _PackedLinear] | None:
         """The packed maps for queries ``q`` (a :meth:`~quari.QuARIModel.predict_factors`
@@ -97,8 +107,7 @@ class PackedLinears:
             q.requires_grad or any(p.requires_grad for p in model.parameters())
         ):
             return None  # the packed op has no backward
-        cfg = model.config
-        rows = q.shape[0] * (1 + (1 if cfg.variant == "reference" else 2) * cfg.rank)
+        rows = q.shape[0] * model.inference_tokens
         if rows > PACK_MAX_ROWS or not mkl_packing_available():
             return None
         table = model.transformer_linears()
@@ -106,15 +115,16 @@ class PackedLinears:
             return None  # made under inference_mode: no version counter tells of edits
         # In-place edits bump a tensor's version counter (torch has no public spelling of it).
         stamp = tuple((t.data_ptr(), t._version) for pair in table.values() for t in pair)  # noqa: SLF001
-        if stamp != self._stamp:
-            self.clear()
-            self._stamp = stamp
-        packed = self._sets.get(rows)
-        if packed is None:
-            packed = {n: _PackedLinear(w, b, rows) for n, (w, b) in table.items()}
-            self._sets[rows] = packed
-            while len(self._sets) > PACK_SETS:
-                self._sets.popitem(last=False)
-        else:
-            self._sets.move_to_end(rows)
-        return packed
+        with self._lock:
+            if stamp != self._stamp:
+                self._sets.clear()
+                self._stamp = stamp
+            packed = self._sets.get(rows)
+            if packed is None:
+                packed = {n: _PackedLinear(w, b, rows) for n, (w, b) in table.items()}
+                self._sets[rows] = packed
+                while len(self._sets) > PACK_SETS:
+                    self._sets.popitem(last=False)
+            else:
+                self._sets.move_to_end(rows)
+            return packed
