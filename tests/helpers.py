@@ -1,4 +1,4 @@
-"""Test helpers: tiny model configs, the dense scoring oracle, fixture paths."""
+"""Test helpers: tiny model configs and training runs, the dense scoring oracle, fixture paths."""
 
 from __future__ import annotations
 
@@ -8,9 +8,49 @@ import numpy as np
 import torch
 
 from quari import Adaptation, HyperNetConfig
+from quari.eval.synthetic import PlantedSpec, write_planted_set
+from quari.training import MiningConfig, TrainConfig, TrainSource
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "official-small"
+
+#: The tiny planted space the training tests train in (24-d, 8-d clusters, 4-d subspaces).
+SMALL_SPEC = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
+
+
+def planted_set(tmp_path: Path) -> Path:
+    """``tmp_path/set``: 60 planted images × 2 captions in :data:`SMALL_SPEC` (written once)."""
+    path = tmp_path / "set"
+    if not path.exists():
+        write_planted_set(path, 60, SMALL_SPEC, captions_per_image=2)
+    return path
+
+
+def small_run(tmp_path: Path, **kw) -> TrainConfig:
+    """A tiny model on :func:`planted_set`: a few steps take well under a second."""
+    fields = dict(
+        train=(TrainSource(planted_set(tmp_path)),),
+        out=tmp_path / "run",
+        image_key="image_id",
+        val_fraction=0.2,
+        preset="reference",
+        rank=4,
+        hidden_dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_steps=2,
+        batch_size=8,
+        lr=1e-3,
+        epoch_pairs=40,  # 5 steps per epoch
+        max_steps=14,
+        checkpoint_every=4,
+        log_every=1,
+        mining=MiningConfig(k=10),
+        progress=False,
+        early_stopping_patience=50,
+    )
+    fields.update(kw)
+    return TrainConfig(**fields)
 
 
 def tiny_config(variant: str = "paper", **overrides) -> HyperNetConfig:

@@ -22,41 +22,9 @@ from quari.training.distributed import gather_cat, gather_cat_with_grad
 from quari.training.loss import quari_loss
 from quari.training.module import VAL_TOP_K, QuARITrainingModule, validation_metrics
 
-from helpers import tiny_config
+from helpers import small_run, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-SMALL = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
-
-
-def small_run(tmp_path: Path, **kw) -> TrainConfig:
-    """A tiny model on a tiny planted set: a few steps take well under a second."""
-    if not (tmp_path / "set").exists():
-        write_planted_set(tmp_path / "set", 60, SMALL, captions_per_image=2)
-    fields = dict(
-        train=(TrainSource(tmp_path / "set"),),
-        out=tmp_path / "run",
-        image_key="image_id",
-        val_fraction=0.2,
-        preset="reference",
-        rank=4,
-        hidden_dim=16,
-        num_layers=1,
-        num_heads=2,
-        num_steps=2,
-        batch_size=8,
-        lr=1e-3,
-        epoch_pairs=40,  # 5 steps per epoch
-        max_steps=14,
-        checkpoint_every=4,
-        log_every=1,
-        mining=MiningConfig(k=10),
-        progress=False,
-        early_stopping_patience=50,
-    )
-    fields.update(kw)
-    return TrainConfig(**fields)
 
 
 def test_training_beats_cosine_on_planted_structure(tmp_path):

@@ -17,42 +17,27 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from quari.checkpoint import load
-from quari.eval.synthetic import PlantedSpec, write_planted_set
-from quari.training import MiningConfig, TrainConfig, TrainSource, train
+from quari.training import TrainConfig, train
 from quari.training.callbacks import format_seconds
 
-from helpers import REPO
-
-SPEC = PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4)
-
+from helpers import REPO, planted_set, small_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(tmp_path: Path, out: str, **kw) -> TrainConfig:
-    if not (tmp_path / "set").exists():
-        write_planted_set(tmp_path / "set", 60, SPEC, captions_per_image=2)
+    """:func:`helpers.small_run` with the default recipe, few steps and no early stopping."""
     fields = dict(
-        train=(TrainSource(tmp_path / "set"),),
         out=tmp_path / out,
-        image_key="image_id",
-        val_fraction=0.2,
-        rank=4,
-        hidden_dim=16,
-        num_layers=1,
-        num_heads=2,
-        num_steps=2,
-        batch_size=8,
-        epoch_pairs=40,  # 5 steps per epoch
+        preset="default",
+        lr=None,
+        log_every=50,
         max_steps=12,
         warmup_steps=2,
         checkpoint_every=1000,
-        mining=MiningConfig(k=10),
-        progress=False,
         early_stopping_patience=None,
     )
-    fields.update(kw)
-    return TrainConfig(**fields)
+    return small_run(tmp_path, **{**fields, **kw})
 
 
 class SendSignal(Callback):
@@ -126,8 +111,7 @@ def test_sigterm_on_the_command_line_exits_within_seconds_and_resume_finishes(tm
     """A real `quari train` process, its output a pipe (not a terminal): progress lines every
     10 steps; SIGTERM → exit status 143 within seconds with a checkpoint; `--resume` runs to
     the planned step count and exports the model."""
-    write_planted_set(tmp_path / "set", 60, SPEC, captions_per_image=2)
-    args = ["train", "--train", str(tmp_path / "set"), "--out", str(tmp_path / "run"),
+    args = ["train", "--train", str(planted_set(tmp_path)), "--out", str(tmp_path / "run"),
             "--image-key", "image_id", "--val-fraction", "0.2", "--rank", "4", "--hidden-dim",
             "16", "--layers", "1", "--heads", "2", "--steps", "2", "--batch-size", "8",
             "--max-steps", "200", "--val-every", "1000", "--log-every", "10", "--lr", "1e-3",
