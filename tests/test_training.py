@@ -241,6 +241,9 @@ def _ddp_worker(rank: int, port: int, out: str, B: int) -> None:
         },
         f"{out}/rank{rank}.pt",
     )
+    # Both ranks reach teardown together: a rank that leaves first can leave the other's gloo
+    # shutdown waiting for it forever (seen once in .ci/run: both files written, one rank hung).
+    dist.barrier()
     dist.destroy_process_group()
 
 
