@@ -12,7 +12,7 @@ Measures, on this machine and in one run (so the ratios compare like with like):
   1 / 32 / 256 and end to end with a re-rank of 1,000 candidates; this CPU's fp32 / bf16
   GEMM rate and the FLOP floor; each reduced-precision runtime's quality guard (top-10
   agreement with fp32 and the largest score error) on the golden fixture and a planted set;
-  what ``auto`` chooses;
+  what ``auto`` and ``fp32`` choose;
 * ``Adaptation.rerank`` of 1,000 fp16 candidates per query;
 * exact top-k scans over N fp16 gallery rows at B = 1 and 32 queries, per query:
   the factored scan (``Adaptation.scan``), its own projection GEMM alone (fp32 blocks already
@@ -456,6 +456,7 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
     data = planted_pairs(spec, 2000 if quick else 20000, seed=1000)
     entry["planted_guard"] = guard_reports(model, ["bf16", "int8"], data.texts[:256], data.images)
     entry["auto"] = choose_runtime(model).report
+    entry["fp32"] = choose_runtime(model, exact=True).report
     return entry
 
 
@@ -514,7 +515,8 @@ def print_runtime_tables(section: dict) -> None:
         print(
             f"{variant}: {entry['flops_per_query'] / 1e9:.2f} GFLOP/query (unfolded "
             f"{entry['flops_per_query_unfolded'] / 1e9:.2f}); floor {entry['floor_ms_fp32']:.1f} "
-            f"ms fp32, {entry['floor_ms_bf16']:.1f} ms bf16; auto → {entry['auto']['chosen']}"
+            f"ms fp32, {entry['floor_ms_bf16']:.1f} ms bf16; auto → {entry['auto']['chosen']}; "
+            f"fp32 → {entry['fp32']['chosen']}"
         )
         guards = [("planted", g) for g in entry["planted_guard"].values()]
         if variant == "reference":

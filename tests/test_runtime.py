@@ -199,6 +199,60 @@ def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model,
     assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
 
 
+class _FastExact(Runtime):
+    """An exact runtime under another name (the eager pass), for ``fp32``'s choice."""
+
+    name = "fastexact"
+
+
+def test_fp32_chooses_among_exact_runtimes_only(fixture_model, monkeypatch):
+    import quari.runtime as rt
+
+    probe = probe_set(48, queries=16, gallery=300)
+    monkeypatch.setitem(rt._BUILDERS, "fastexact", _FastExact)
+    built = []
+    for name in ("bf16", "int8"):  # reduced precision is never even built
+        monkeypatch.setitem(rt._BUILDERS, name, type(name, (Runtime,), {
+            "exact": False, "__init__": lambda self, model: built.append(model)}))  # fmt: skip
+    speed = {"eager": 10.0, "fastexact": 5.0}
+    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name])
+    model = copy.deepcopy(fixture_model)
+    model.set_runtime("fp32", candidates=("bf16", "fastexact", "int8"), probe=probe)
+    assert model.runtime == "fastexact" and built == []
+    report = model.runtime_report
+    assert report["exact"] and report["chosen"] == "fastexact"
+    assert "reduced precision" in report["candidates"]["bf16"]["error"]
+    assert report["candidates"]["fastexact"]["speedup"] == pytest.approx(2.0)
+    # No exact candidate besides eager: eager at once, nothing timed.
+    monkeypatch.setattr(rt, "_median_ms", lambda *a: pytest.fail("timed for nothing"))
+    model.set_runtime("fp32", candidates=("int8",), probe=probe)
+    assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
+
+
+def test_fp32_tries_onnx_where_installed(fixture_model, monkeypatch):
+    import quari.runtime as rt
+
+    seen = []
+
+    class Broken(Runtime):
+        name = "onnx"
+
+        def __init__(self, model):
+            seen.append(model)
+            raise RuntimeError("export failed")
+
+    monkeypatch.setattr(rt, "has_native_bf16", lambda: True)  # bf16: an auto candidate
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed: eager alone
+    assert rt.choose_runtime(fixture_model, exact=True).report["candidates"] == {}
+    monkeypatch.setitem(sys.modules, "onnxruntime", sys)  # installed (any module will do)
+    monkeypatch.setitem(rt._BUILDERS, "onnx", Broken)
+    probe = probe_set(48, queries=8, gallery=100)
+    report = rt.choose_runtime(fixture_model, exact=True, probe=probe).report
+    assert seen == [fixture_model] and list(report["candidates"]) == ["onnx"]
+    assert report["candidates"]["onnx"]["error"] == "RuntimeError: export failed"
+    assert report["chosen"] == "eager"
+
+
 @pytest.mark.parametrize("name", ["eager", "bf16"])
 def test_large_batches_run_in_near_equal_chunks(monkeypatch, name):
     import quari.runtime as rt

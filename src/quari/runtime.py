@@ -18,6 +18,8 @@ name        arithmetic                       what runs
                                              AVX512-BF16 / AMX)
 ``int8``    int8 transformer GEMMs           PyTorch's dynamic int8 quantisation of the
                                              transformer's linear maps (fbgemm / x86)
+``fp32``    fp32 (exact to rounding)         the faster of ``eager`` and ``onnx``, measured
+                                             here
 ``auto``    the fastest that passes          measured here, on this model
 =========== ================================ ============================================
 
@@ -26,7 +28,10 @@ top-k agreement of the gallery rankings with the fp32 pass and the largest score
 ``auto`` (:func:`choose_runtime`) admits a reduced-precision runtime only with a top-10
 agreement of at least :data:`REQUIRED_AGREEMENT` on a planted probe set
 (:func:`probe_set`), and only if it is measured faster than ``eager`` on this machine; the
-chosen runtime and the measurements are in ``model.runtime_report``.
+chosen runtime and the measurements are in ``model.runtime_report``. ``fp32`` makes the same
+choice among the exact runtimes only (on our 2-core test CPU ONNX Runtime's batch-1 pass
+measures 0.9–1.2× eager's time from run to run and ties it from batch 32, so ``fp32`` lands on
+either; docs/results.md, CPU runtimes).
 
 Runtimes other than ``eager`` hold converted or exported copies of the weights, taken when
 the runtime is built. The model drops them (back to ``eager``) when it is moved or cast, put
@@ -83,7 +88,7 @@ __all__ = [
     "quality_guard",
 ]
 
-RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "auto")
+RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "fp32", "auto")
 
 #: Top-10 agreement with the fp32 pass that a reduced-precision runtime needs before ``auto``
 #: may choose it.
@@ -393,17 +398,17 @@ def build_runtime(model: QuARIModel, name: str = "eager", **options: Any) -> Run
         model: The model.
         name: One of :data:`RUNTIMES`.
         **options: Passed on: ``compile``: ``dynamic``; ``onnx``: ``cache``, ``threads``;
-            ``auto``: the keyword arguments of :func:`choose_runtime`.
+            ``auto`` and ``fp32``: the keyword arguments of :func:`choose_runtime`.
 
     Returns:
-        The runtime (``auto``: the chosen one, with its report in ``.report``).
+        The runtime (``auto``, ``fp32``: the chosen one, with its report in ``.report``).
 
     Raises:
         QuARIInputError: an unknown name or option.
         MissingDependencyError: the runtime's optional dependency is missing.
     """
-    if name == "auto":
-        return choose_runtime(model, **options)
+    if name in ("auto", "fp32"):
+        return choose_runtime(model, exact=name == "fp32", **options)
     if name not in _BUILDERS:
         raise QuARIInputError(f"runtime must be one of {RUNTIMES}, got {name!r}")
     try:
@@ -535,12 +540,13 @@ def _median_ms(fn, q: torch.Tensor, repeats: int) -> float:
 def choose_runtime(
     model: QuARIModel,
     *,
+    exact: bool = False,
     candidates: tuple[str, ...] | None = None,
     batch_sizes: tuple[int, ...] = (1, 32),
     repeats: int = 3,
     probe: tuple[Any, Any] | None = None,
 ) -> Runtime:
-    """``auto``: the fastest runtime on this machine that keeps the fp32 rankings.
+    """``auto`` (and ``fp32``): the fastest runtime on this machine that keeps the fp32 rankings.
 
     Each candidate is built, checked by :func:`quality_guard` on ``probe`` (reduced precision
     needs :data:`REQUIRED_AGREEMENT`) and timed against ``eager`` at ``batch_sizes``
@@ -549,18 +555,29 @@ def choose_runtime(
 
     Args:
         model: The model.
-        candidates: Runtimes to try. Default: ``bf16`` where the CPU has bf16 instructions,
-            ``onnx`` where ONNX Runtime is installed (its first export takes a while;
-            ``compile`` and ``int8`` are only used when named).
+        exact: Only fp32 runtimes (``fp32``): reduced-precision candidates are skipped
+            unbuilt, whatever their guard would say.
+        candidates: Runtimes to try. Default: ``onnx`` where ONNX Runtime is installed (its
+            first export takes a while, then it is cached), and unless ``exact``, ``bf16``
+            where the CPU has bf16 instructions (``compile`` and ``int8`` are only used when
+            named).
         batch_sizes: Batch sizes to time.
         repeats: Timed calls per batch size.
         probe: (queries, gallery) for the guard (default: :func:`probe_set`).
 
     Returns:
-        The chosen runtime; ``.report`` holds every candidate's guard and timings.
+        The chosen runtime; ``.report`` holds every candidate's guard and timings, and
+        ``"exact"``.
+
+    Example:
+        >>> from quari import HyperNetConfig, QuARIModel
+        >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+        ...                                   num_layers=1, num_heads=2)).eval()
+        >>> choose_runtime(model, exact=True, candidates=("int8",)).name  # never reduced
+        'eager'
     """
     if candidates is None:
-        candidates = ("bf16",) if has_native_bf16() else ()
+        candidates = ("bf16",) if has_native_bf16() and not exact else ()
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
@@ -570,13 +587,22 @@ def choose_runtime(
     unknown = sorted(set(candidates) - set(_BUILDERS))
     if unknown:
         raise QuARIInputError(f"auto: unknown candidate runtime(s) {unknown}")
+    report: dict[str, Any] = {"candidates": {}, "batch_sizes": list(batch_sizes), "exact": exact}
+    if exact:
+        for name in candidates:
+            if not _BUILDERS[name].exact:
+                report["candidates"][name] = {"error": "reduced precision (exact: fp32 only)"}
+        candidates = tuple(n for n in candidates if _BUILDERS[n].exact)
+    if not any(name != "eager" for name in candidates):  # nothing to measure eager against
+        eager = Runtime(model)
+        eager.report = {**report, "chosen": "eager"}
+        return eager
     queries, gallery = probe if probe is not None else probe_set(model.embedding_dim)
     from quari.validation import as_embeddings
 
     q = as_embeddings(queries, model.embedding_dim, "probe queries", normalize=True)
     batches = {b: q[torch.arange(b) % q.shape[0]] for b in batch_sizes}
     eager = Runtime(model)
-    report: dict[str, Any] = {"candidates": {}, "batch_sizes": list(batch_sizes)}
     with torch.inference_mode():
         base = {b: _median_ms(eager, x, repeats) for b, x in batches.items()}
     report["eager_ms"] = base

@@ -41,9 +41,10 @@ def serve(
         str,
         typer.Option(
             help=f"How the model runs on a CPU, one of {', '.join(RUNTIMES)}: eager (default, "
-            "fp32), onnx (fp32 through ONNX Runtime, extra onnx; fastest at small batches on "
-            "our test CPU), bf16/int8 (reduced precision), auto (the fastest that passes the "
-            "quality guard, measured at start-up). docs/results.md, CPU runtimes."
+            "fp32), onnx (fp32 through ONNX Runtime, extra onnx), fp32 (the faster of those "
+            "two, measured at start-up), bf16/int8 (reduced precision), auto (the fastest "
+            "that passes the quality guard, measured at start-up). docs/results.md, CPU "
+            "runtimes."
         ),
     ] = "eager",
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = (
@@ -100,7 +101,15 @@ def serve(
     if runtime != "eager":
         if not hasattr(quari_model, "set_runtime"):
             raise QuARIInputError(f"--runtime {runtime} needs a QuARI model (--model)")
+        if runtime in ("fp32", "auto"):
+            console.print(
+                f"runtime {runtime}: measuring the candidates (with ONNX Runtime installed, "
+                "the first start with a model exports it: ~15 s for the paper size on 2 "
+                "cores, cached after)",
+                highlight=False,
+            )
         quari_model.set_runtime(runtime)
+        runtime = quari_model.runtime
     query_encoder = load_encoder(encoder, EncoderConfig(device=device)) if encoder else None
     retriever = Retriever(eset, quari_model, index, encoder=query_encoder, device=device)
     web = create_app(retriever, settings)

@@ -453,9 +453,10 @@ class QuARIModel(nn.Module):
     # -- CPU runtimes -----------------------------------------------------------------------------
     def set_runtime(self, runtime: str = "eager", **options: Any) -> QuARIModel:
         """Chooses how ``model(q)`` runs on CPU: ``"eager"`` (default, fp32, exact),
-        ``"compile"``, ``"onnx"`` (fp32), ``"bf16"``, ``"int8"`` (reduced precision) or
-        ``"auto"`` (the fastest that passes the quality guard, measured here; see
-        ``runtime_report``). Described in :mod:`quari.runtime`.
+        ``"compile"``, ``"onnx"`` (fp32), ``"bf16"``, ``"int8"`` (reduced precision),
+        ``"fp32"`` (the faster of eager and onnx, measured here) or ``"auto"`` (the fastest
+        that passes the quality guard, measured here; see ``runtime_report``). Described in
+        :mod:`quari.runtime`.
 
         A runtime serves eval-mode, no-grad fp32 CPU queries; training, autograd and CUDA
         run the eager pass. Non-eager runtimes copy the weights now: moving or casting the
