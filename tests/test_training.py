@@ -170,6 +170,41 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path):
     assert train(cfg.with_(progress=False, log_every=5), resume=True).steps == 2
 
 
+def test_a_second_run_into_a_busy_folder_stops_at_once_and_writes_nothing(tmp_path):
+    from filelock import FileLock
+
+    from quari.errors import LockError
+    from quari.training.loop import RUN_LOCK
+
+    cfg = small_run(tmp_path, max_steps=2)
+    cfg.out.mkdir(parents=True)
+    with FileLock(cfg.out / RUN_LOCK):  # another process's run, as the OS lock sees it
+        with pytest.raises(LockError, match="another training run is writing to this folder"):
+            train(cfg)
+        assert [p.name for p in cfg.out.iterdir()] == [RUN_LOCK]
+    assert train(cfg).steps == 2  # free again: the run goes ahead
+    # Released however a run ends; a folder made only for the lock is removed again.
+    fresh = cfg.with_(out=tmp_path / "fresh")
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(fresh, resume=True)
+    assert not fresh.out.exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "launcher"),
+    [({}, True), ({"LOCAL_RANK": "1"}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),
+     ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "1"}, False)],
+)  # fmt: skip
+def test_only_the_launching_rank_takes_the_run_lock(monkeypatch, env, launcher):
+    from quari.training.loop import _launching_process
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _launching_process() is launcher
+
+
 def test_nan_loss_stops_with_step_and_batch_and_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch
 ):

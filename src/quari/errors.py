@@ -100,7 +100,8 @@ class TrainingError(QuARIError, RuntimeError):
 
 
 class LockError(QuARIError, RuntimeError):
-    """Another process holds the resource for writing (an embedding set being appended to)."""
+    """Another process holds the resource for writing (an embedding set being appended to, a
+    run folder being trained into)."""
 
 
 @dataclass(frozen=True)

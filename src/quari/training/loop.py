@@ -8,6 +8,7 @@ A run folder (``config.out``) holds::
     checkpoints/step-00001000/ …                 model-folder checkpoints (the last K kept)
     checkpoints/best/                            model folder of the best validation mAP
     logs/csv/version_*/metrics.csv, logs/tensorboard/version_*/   training logs
+    .quari-train.lock                            held while a run trains here (one at a time)
 
 ``train(config, resume=True)`` continues from ``checkpoints/last.ckpt``: weights, optimiser,
 schedule, loop counters, early-stopping and best-model state are restored, the data order
@@ -18,8 +19,12 @@ with the same weights as an uninterrupted one. The checkpoint is read with
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +34,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from filelock import FileLock, Timeout
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from quari.checkpoint import load, save
-from quari.errors import CheckpointError, QuARIInputError, TrainingError
+from quari.errors import CheckpointError, LockError, QuARIInputError, TrainingError
 from quari.fileio import atomic_write
 from quari.training.callbacks import (
     CHECKPOINTS,
@@ -268,6 +274,7 @@ def train(
         TrainingError: a non-finite loss (the message names the step and the batch; the
             checkpoints written before it are kept), or a run folder that cannot be
             resumed or would be overwritten.
+        LockError: another run is training into ``config.out`` now.
 
     Example:
         >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"),
@@ -276,6 +283,53 @@ def train(
         >>> result.metrics["val/recall@1"]  # doctest: +SKIP
     """
     _check_accelerator(config)
+    with _run_lock(config.out):
+        return _run(config, resume, callbacks)
+
+
+#: The run folder's lock file: held (an OS file lock) by the process that runs ``train``.
+RUN_LOCK = ".quari-train.lock"
+
+
+def _launching_process() -> bool:
+    """Whether this process started the run. DDP launchers that re-run the script (Lightning's
+    ``ddp``, ``torchrun``, other nodes) call :func:`train` once per rank; only rank 0 of node 0
+    takes the lock (``ddp_spawn`` ranks never call it)."""
+    rank = os.environ.get("RANK")
+    if rank is not None:
+        return rank == "0"
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Holds ``out``'s run lock for the whole run, so that a second ``train`` into the same
+    folder — which would share its checkpoints and logs — stops at once with a clear error.
+    Released when the run ends, however it ends (the OS drops it if the process dies). A
+    folder made only to hold the lock is removed again if the run wrote nothing."""
+    if not _launching_process():
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / RUN_LOCK)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise LockError(
+            f"{out}: another training run is writing to this folder (it holds {RUN_LOCK}); "
+            "wait for it to finish, or choose another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+        if made and [f.name for f in out.iterdir()] == [RUN_LOCK]:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _run(config: TrainConfig, resume: bool, callbacks: list[Callback] | None) -> TrainResult:
+    """:func:`train` under the run lock."""
     ckpt = _check_run_folder(config, resume)
     data = TrainingData.from_config(config, progress=config.progress)
     queries, gallery, _ = data.val_vectors()
