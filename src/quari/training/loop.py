@@ -32,9 +32,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from filelock import FileLock, Timeout
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
