@@ -199,6 +199,32 @@ def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model,
     assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
 
 
+def test_auto_picks_per_batch_size_when_the_winners_differ(fixture_model, monkeypatch):
+    import quari.runtime as rt
+
+    probe = probe_set(48, queries=16, gallery=300)
+    # bf16 loses at batch 1 and wins at 32 (as measured on our test CPU), int8 is refused.
+    speed = {("eager", 1): 10.0, ("bf16", 1): 13.0, ("eager", 32): 8.0, ("bf16", 32): 2.0}
+    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name, len(q)])
+    model = copy.deepcopy(fixture_model)
+    model.set_runtime("auto", candidates=("bf16",), probe=probe)
+    assert model.runtime == "eager+bf16"
+    assert model.runtime_report["by_batch"] == {1: "eager", 32: "bf16"}
+    dispatch = model._runtime
+    assert [dispatch.pick(b).name for b in (1, 31, 32, 500)] == ["eager", "eager", "bf16", "bf16"]
+    assert not dispatch.exact and dispatch.describe()["by_batch"] == {1: "eager", 32: "bf16"}
+    used = []
+    for r in dispatch.by_batch.values():
+        monkeypatch.setattr(r, "run", lambda q, c=r.run, n=r.name: used.append(n) or c(q))
+    q = torch.from_numpy(probe[0]).repeat(3, 1)[:40]
+    with torch.inference_mode():
+        one, many = model(q[:1]).score(probe[1]), model(q).score(probe[1])
+        exact = fixture_model.to_adaptation(*fixture_model.predict_factors(q)).score(probe[1])
+    assert used[0] == "eager" and set(used[1:]) == {"bf16"}
+    torch.testing.assert_close(one, exact[:1], atol=1e-6, rtol=0)  # eager: fp32
+    assert (many - exact).abs().max() > 1e-6  # bf16 really served the batch of 40
+
+
 class _FastExact(Runtime):
     """An exact runtime under another name (the eager pass), for ``fp32``'s choice."""
 

@@ -20,7 +20,7 @@ name        arithmetic                       what runs
                                              transformer's linear maps (fbgemm / x86)
 ``fp32``    fp32 (exact to rounding)         the faster of ``eager`` and ``onnx``, measured
                                              here
-``auto``    the fastest that passes          measured here, on this model
+``auto``    the fastest that passes          measured here, on this model, per batch size
 =========== ================================ ============================================
 
 Reduced-precision runtimes change the numbers. :func:`quality_guard` measures how much: the
@@ -75,6 +75,7 @@ __all__ = [
     "CHUNK_ROWS",
     "REQUIRED_AGREEMENT",
     "RUNTIMES",
+    "BatchDispatch",
     "GuardReport",
     "Runtime",
     "build_runtime",
@@ -151,7 +152,8 @@ class Runtime:
     """How a model's inference pass runs; built by :func:`build_runtime`.
 
     Attributes:
-        name: One of :data:`RUNTIMES` (never ``"auto"``: that resolves to another).
+        name: One of :data:`RUNTIMES` (never ``"auto"`` or ``"fp32"``: those resolve to
+            another, or to a :class:`BatchDispatch` named after its runtimes).
         exact: fp32 arithmetic, the eager numbers to rounding (``False``: reduced precision).
     """
 
@@ -550,8 +552,9 @@ def choose_runtime(
 
     Each candidate is built, checked by :func:`quality_guard` on ``probe`` (reduced precision
     needs :data:`REQUIRED_AGREEMENT`) and timed against ``eager`` at ``batch_sizes``
-    (median of ``repeats``, on the probe queries). The winner has the best geometric-mean
-    speed-up, if that is at least 1.1×; otherwise ``eager`` stays.
+    (median of ``repeats``, on the probe queries). At each batch size the fastest one wins
+    if it is at least 1.1× faster than ``eager`` there (else ``eager``); when the winners
+    differ by batch size the result is a :class:`BatchDispatch` over them.
 
     Args:
         model: The model.
@@ -566,8 +569,8 @@ def choose_runtime(
         probe: (queries, gallery) for the guard (default: :func:`probe_set`).
 
     Returns:
-        The chosen runtime; ``.report`` holds every candidate's guard and timings, and
-        ``"exact"``.
+        The chosen runtime; ``.report`` holds every candidate's guard and timings, the
+        winner per batch size (``"by_batch"``) and ``"exact"``.
 
     Example:
         >>> from quari import HyperNetConfig, QuARIModel
@@ -606,7 +609,7 @@ def choose_runtime(
     with torch.inference_mode():
         base = {b: _median_ms(eager, x, repeats) for b, x in batches.items()}
     report["eager_ms"] = base
-    best, best_gain = eager, 1.0
+    admitted: dict[str, tuple[Runtime, dict[int, float]]] = {"eager": (eager, base)}
     for name in candidates:
         if name == "eager":
             continue
@@ -625,8 +628,52 @@ def choose_runtime(
             ms = {b: _median_ms(runtime, x, repeats) for b, x in batches.items()}
         gain = math.exp(statistics.fmean(math.log(base[b] / ms[b]) for b in batch_sizes))
         entry.update(ms=ms, speedup=gain)
-        if gain >= _MIN_GAIN and gain > best_gain:
-            best, best_gain = runtime, gain
+        admitted[name] = (runtime, ms)
+    # Per batch size, the fastest admitted runtime if it beats eager by the margin: a runtime
+    # can win at batch 32 and lose at batch 1 (bf16 on some CPUs), so none wins everywhere.
+    winners = {}
+    for b in batch_sizes:
+        name = min(admitted, key=lambda n: admitted[n][1][b])
+        winners[b] = name if base[b] / admitted[name][1][b] >= _MIN_GAIN else "eager"
+    report["by_batch"] = winners
+    names = set(winners.values())
+    best = (
+        admitted[names.pop()][0]
+        if len(names) == 1
+        else BatchDispatch(model, {b: admitted[n][0] for b, n in winners.items()})
+    )
     report["chosen"] = best.name
     best.report = report
     return best
+
+
+class BatchDispatch(Runtime):
+    """``auto``/``fp32`` when different runtimes win at different batch sizes: a batch of b
+    queries runs on the winner at the largest measured batch size ≤ b (the smallest measured
+    size's winner below it). Named after its runtimes in batch order, e.g. ``eager+bf16``.
+
+    Args:
+        model: The model.
+        by_batch: Measured batch size → the runtime that won there.
+    """
+
+    def __init__(self, model: QuARIModel, by_batch: dict[int, Runtime]) -> None:
+        super().__init__(model)
+        self.by_batch = dict(sorted(by_batch.items()))
+        order = list(dict.fromkeys(r.name for r in self.by_batch.values()))
+        self.name = "+".join(order)
+        self.exact = all(r.exact for r in self.by_batch.values())
+
+    def pick(self, batch: int) -> Runtime:
+        """The runtime that serves a batch of ``batch`` queries."""
+        chosen = next(iter(self.by_batch.values()))
+        for size, runtime in self.by_batch.items():
+            if size <= batch:
+                chosen = runtime
+        return chosen
+
+    def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.pick(q.shape[0])(q)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "by_batch": {b: r.name for b, r in self.by_batch.items()}}
