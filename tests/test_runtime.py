@@ -203,7 +203,7 @@ def test_auto_picks_per_batch_size_when_the_winners_differ(fixture_model, monkey
     import quari.runtime as rt
 
     probe = probe_set(48, queries=16, gallery=300)
-    # bf16 loses at batch 1 and wins at 32 (as measured on our test CPU), int8 is refused.
+    # bf16 loses at batch 1 and wins at 32 (as in one bench_core run on our test CPU).
     speed = {("eager", 1): 10.0, ("bf16", 1): 13.0, ("eager", 32): 8.0, ("bf16", 32): 2.0}
     monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name, len(q)])
     model = copy.deepcopy(fixture_model)

@@ -30,8 +30,8 @@ agreement of at least :data:`REQUIRED_AGREEMENT` on a planted probe set
 (:func:`probe_set`), and only if it is measured faster than ``eager`` on this machine; the
 chosen runtime and the measurements are in ``model.runtime_report``. ``fp32`` makes the same
 choice among the exact runtimes only (on our 2-core test CPU ONNX Runtime's batch-1 pass
-measures 0.9–1.2× eager's time from run to run and ties it from batch 32, so ``fp32`` lands on
-either; docs/results.md, CPU runtimes).
+measured 0.70–0.92× eager's time from run to run and tied it from batch 32, so ``fp32`` gave
+``onnx+eager`` or plain ``eager``; docs/results.md, CPU runtimes).
 
 Runtimes other than ``eager`` hold converted or exported copies of the weights, taken when
 the runtime is built. The model drops them (back to ``eager``) when it is moved or cast, put
