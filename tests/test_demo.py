@@ -244,6 +244,7 @@ def test_the_report_renders_in_chromium_with_every_image(demo, tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
 
     _, result, _ = demo
     options = Options()
@@ -257,6 +258,11 @@ def test_the_report_renders_in_chromium_with_every_image(demo, tmp_path):
     try:
         driver.set_page_load_timeout(30)
         driver.get(result.report.resolve().as_uri())
+        # Every image settled (loaded or failed) before judging: one .ci/run saw 16 of 200
+        # thumbnails not yet complete right after the load event on a busy machine.
+        WebDriverWait(driver, 20).until(
+            lambda d: d.execute_script("return [...document.images].every(i => i.complete)")
+        )
         state = driver.execute_script(
             "const imgs = [...document.images];"
             "return {total: imgs.length,"
