@@ -9,7 +9,7 @@ import pytest
 
 from quari.eval.synthetic import PlantedSpec, planted_pairs, write_planted_set
 from quari.store import EmbeddingSet
-from quari.training.config import TrainConfig, TrainSource
+from quari.training.config import TrainConfig, TrainSource, default_lr
 from quari.training.data import ResumableBatchSampler, TrainingData
 from quari.training.mining import MiningConfig
 from quari.validation import QuARIInputError
@@ -63,6 +63,7 @@ def test_presets_fill_unset_fields_only(tmp_path):
     model = default.model_config(64)
     assert (model.init, model.normalize_factors, model.anchor_scale) == ("identity", False, 1.0)
     assert model.token_dropout == 0.0
+    assert (default.lr, default.decoder_norm, model.decoder_norm) == (1e-3, False, False)
     ref = config(tmp_path, "s", preset="reference", variant="paper", lr=1e-3)
     assert (ref.lr, ref.schedule, ref.variant) == (1e-3, "onecycle", "paper")
     assert TrainConfig.from_dict(ref.to_dict()) == ref
@@ -70,6 +71,27 @@ def test_presets_fill_unset_fields_only(tmp_path):
         config(tmp_path, "a:0.5", "b")
     with pytest.raises(QuARIInputError, match="batch_size"):
         config(tmp_path, "a", batch_size=0)
+
+
+def test_default_recipe_follows_the_model_size(tmp_path):
+    """The default recipe's lr and decoder LayerNorm follow the size (docs/method.md §5.5);
+    anything given explicitly still wins, and the other presets keep their own values."""
+    src = (TrainSource(Path("s")),)
+    big = TrainConfig(train=src, out=tmp_path, accelerator="cpu", hidden_dim=512, rank=64,
+                      num_layers=4, num_heads=8, num_steps=4)  # fmt: skip
+    assert big.lr == pytest.approx(default_lr(512, 64)) == pytest.approx(1.25e-4)
+    assert big.decoder_norm is True and big.model_config(768).decoder_norm is True
+    assert default_lr(64, 8) == 1e-3, "never above the tuned lr"
+    wide = TrainConfig(train=src, out=tmp_path, accelerator="cpu", hidden_dim=512, num_heads=8)
+    assert (wide.lr, wide.decoder_norm) == (pytest.approx(2.5e-4), False)
+    mine = TrainConfig(train=src, out=tmp_path, accelerator="cpu", num_steps=4, lr=3e-3,
+                       decoder_norm=False)  # fmt: skip
+    assert (mine.lr, mine.decoder_norm) == (3e-3, False)
+    paper = TrainConfig(train=src, out=tmp_path, preset="paper")
+    assert paper.decoder_norm is None and paper.model_config(64).decoder_norm is True
+    reference = TrainConfig(train=src, out=tmp_path, preset="reference")
+    assert reference.model_config(64).decoder_norm is False
+    assert TrainConfig.from_dict(big.to_dict()) == big
 
 
 def test_split_is_by_image_and_seeded(tmp_path):

@@ -50,6 +50,47 @@ def test_identity_init_is_exactly_the_frozen_backbone_and_still_learns():
     assert model.v_decoder[-1].weight.grad.abs().sum() == 0  # ∂/∂V ∝ U = 0 at the start
 
 
+def test_decoder_norm_keeps_the_start_at_cosine_and_the_factors_small():
+    """At 4 refinement steps the reference form's state is several times larger than at 2, and
+    so were V's entries; with the decoder LayerNorm the identity start is still exactly cosine
+    and V starts at ≈ 1/√E whatever the depth (docs/method.md §5.5)."""
+    E = 256
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, E, generator=g), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(30, E, generator=g), dim=1)
+    rms = {}
+    for norm in (False, True):
+        torch.manual_seed(0)
+        cfg = identity_config(embedding_dim=E, rank=8, hidden_dim=64, num_heads=4, num_steps=4,
+                              anchor_scale=1.0, decoder_norm=norm)  # fmt: skip
+        model = QuARIModel(cfg)
+        assert any(isinstance(m, torch.nn.LayerNorm) for m in model.v_decoder) is norm
+        ad = model(q)
+        torch.testing.assert_close(ad.score(d), q @ d.T, atol=1e-6, rtol=0)
+        rms[norm] = ad.V.pow(2).mean().sqrt().item() * E**0.5
+    assert 0.3 < rms[True] < 1.5, rms
+    assert rms[False] > 5 * rms[True], rms
+
+
+def test_models_saved_before_decoder_norm_load_with_their_variants_decoders(tmp_path):
+    torch.manual_seed(2)
+    q, d = torch.randn(3, 24), torch.randn(5, 24)
+    for variant, norm in (("paper", True), ("reference", False)):
+        model = QuARIModel(tiny_config(variant)).eval()
+        assert model.config.decoder_norm is norm
+        save(model, tmp_path / variant)
+        data = json.loads((tmp_path / variant / "config.json").read_text())
+        del data["config"]["decoder_norm"]
+        (tmp_path / variant / "config.json").write_text(json.dumps(data))
+        back = load(tmp_path / variant)
+        assert back.config.decoder_norm is norm
+        with torch.no_grad():
+            torch.testing.assert_close(back(q).score(d), model(q).score(d), atol=0, rtol=0)
+    normed = QuARIModel(identity_config(decoder_norm=True))
+    save(normed, tmp_path / "normed")
+    assert load(tmp_path / "normed").config == normed.config
+
+
 def test_identity_init_needs_the_anchored_unnormalised_form():
     with pytest.raises(QuARIInputError, match="variant='reference'"):
         tiny_config("paper", normalize_factors=False, init="identity")

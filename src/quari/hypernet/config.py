@@ -28,8 +28,13 @@ SIZE_CEILINGS: dict[str, int] = {
 
 # Per-variant defaults for the fields left as None in HyperNetConfig.
 _VARIANT_DEFAULTS: dict[str, dict[str, float]] = {
-    "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0},
-    "reference": {"query_residual_weight": 0.5, "token_dropout": 0.05, "anchor_scale": 0.8},
+    "paper": {"query_residual_weight": 0.0, "token_dropout": 0.0, "decoder_norm": True},
+    "reference": {
+        "query_residual_weight": 0.5,
+        "token_dropout": 0.05,
+        "anchor_scale": 0.8,
+        "decoder_norm": False,
+    },
 }
 
 
@@ -61,7 +66,15 @@ class HyperNetConfig:
             decoder stays random, so U receives a gradient at once: LoRA's zero/random
             pair). Needs the reference form (T = I + α U Vᵀ, which contains I) and
             ``normalize_factors=False`` (U/‖U‖_F has no usable gradient at U = 0). Only the
-            starting point differs: a saved model loads the same either way.
+            starting point differs: a saved model loads the same either way. With
+            ``decoder_norm`` the V decoder's last layer starts at N(0, 1/(H·E)), so V's
+            entries are ≈ 1/√E and a first step on U moves T by O(lr), whatever H, r and L.
+        decoder_norm: A LayerNorm after the first layer of the q′, U and V decoders. Default:
+            the paper variant's decoders have one, the reference variant's not (as in the
+            reference code, whose checkpoints load either way). The reference form's sequence
+            state grows about 2× per refinement step (each step adds the transformer's output,
+            itself a residual stream, to the state), so without it the factors' scale — and
+            how far one optimiser step moves T — grows with the number of steps.
 
     Example:
         >>> cfg = HyperNetConfig(embedding_dim=768)
@@ -82,6 +95,7 @@ class HyperNetConfig:
     token_dropout: float | None = None
     normalize_factors: bool = True
     init: Init = "default"
+    decoder_norm: bool | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANT_DEFAULTS:

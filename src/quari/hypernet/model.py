@@ -142,16 +142,21 @@ class QuARIModel(nn.Module):
         self.transformer = nn.TransformerEncoder(
             layer, config.num_layers, enable_nested_tensor=False
         )
-        self.query_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+        self.query_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
         # u: output-side columns of T, v: input-side columns (T d = U Vᵀ d).
-        self.u_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
-        self.v_decoder = _mlp(H, E, config.dropout, layer_norm=paper)
+        self.u_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+        self.v_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
         if config.init == "identity":
             # Start exactly at the frozen backbone: MLP_q(ctx) = 0 gives q′ = normalize(λq) = q,
             # U = 0 gives T = I. V keeps its random init so that ∂L/∂U = α·(…)·V ≠ 0.
             for decoder in (self.query_decoder, self.u_decoder):
                 nn.init.zeros_(decoder[-1].weight)
                 nn.init.zeros_(decoder[-1].bias)
+            if config.decoder_norm:
+                # Normalised decoder activations are O(1); N(0, 1/(H·E)) weights make V's
+                # entries ≈ 1/√E, so that ‖U Vᵀ d‖ starts at the scale of U's own entries.
+                nn.init.normal_(self.v_decoder[-1].weight, std=(H * E) ** -0.5)
+                nn.init.zeros_(self.v_decoder[-1].bias)
 
     @property
     def embedding_dim(self) -> int:

@@ -7,7 +7,10 @@ T = I + α U Vᵀ with U = 0), the query noise is relative to the unit query (�
 instead of σ·s·√E), AdamW with linear warm-up and a cosine decay, no token dropout (training
 then folds the V bank: half the cost), and — with a ``relevance_key`` — in-batch images sharing
 a caption's key are not treated as its negatives. Its size follows the device: on a CPU a
-small model (:data:`SHAPES` ``"cpu"``), on a GPU the paper's.
+small model (:data:`SHAPES` ``"cpu"``), on a GPU the paper's. Two settings follow the model's
+size (:func:`default_lr`, and ``decoder_norm`` from 3 refinement steps on), because a recipe
+tuned on the small model collapsed the paper-sized one to chance within ten steps
+(docs/method.md §5.5).
 
 ``preset="paper"``: the paper's recipe for faithful reproduction — AdamW (weight decay 1e-2),
 learning rate 1e-5 with linear warm-up and a cosine decay to 2e-7, gradient clipping 1.0, batch
@@ -31,7 +34,7 @@ from quari.hypernet import HyperNetConfig
 from quari.training.mining import MiningConfig
 from quari.validation import QuARIInputError, check_fields
 
-__all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "device_kind"]
+__all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "default_lr", "device_kind"]
 
 #: Model and batch sizes: the paper's (H 512, 4 layers, 4 steps, r 64, batch 320) and the small
 #: model that trains in minutes on a laptop-class CPU.
@@ -47,7 +50,8 @@ SHAPES: dict[str, dict[str, int]] = {
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "schedule": "cosine",
-        "lr": 1e-3,
+        "lr": "by size",  # default_lr(hidden_dim, rank)
+        "decoder_norm": "by size",  # from 3 refinement steps on
         "warmup_steps": 50,
         "min_lr": 1e-5,
         "variant": "reference",
@@ -91,6 +95,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "shape": "paper",
     },
 }
+
+
+#: The default recipe's peak learning rate at its CPU size (H 128, r 16), and that size.
+BASE_LR, BASE_HIDDEN, BASE_RANK = 1e-3, 128, 16
+
+
+def default_lr(hidden_dim: int, rank: int) -> float:
+    """The default recipe's peak learning rate for a model of this width and rank.
+
+    Adam moves every weight of the U decoder's last layer by about lr per step, in step with
+    each other at the start, so one step moves each entry of U by ~lr·H and T = I + U Vᵀ by
+    ~lr·H·√r. Scaling lr by (128 / H)·√(16 / r) keeps that first move the size it has in the
+    small model the recipe was tuned on (lr 1e-3): at the paper's H 512, r 64 this gives
+    1.25e-4; lr 1e-3 there sent the loss to chance within ten steps (docs/method.md §5.5).
+
+    Example:
+        >>> default_lr(128, 16), default_lr(512, 64)
+        (0.001, 0.000125)
+    """
+    return BASE_LR * min(1.0, (BASE_HIDDEN / hidden_dim) * (BASE_RANK / rank) ** 0.5)
 
 
 def device_kind(accelerator: str = "auto") -> str:
@@ -165,6 +189,9 @@ class TrainConfig:
         init: Model initialisation, ``"default"`` or ``"identity"`` (start at the frozen
             backbone; :class:`~quari.hypernet.HyperNetConfig`).
         normalize_factors: Frobenius-normalise U and V (reference variant).
+        decoder_norm: A LayerNorm inside the q′/U/V decoders (None: the variant's — the
+            paper variant has one, the reference variant not; see
+            :class:`~quari.hypernet.HyperNetConfig`).
         anchor_scale: α in T = I + α U Vᵀ (reference variant; None: the variant's 0.8).
         query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q) (None: the variant's).
         token_dropout: Zeroing probability of U/V tokens while training (None: the variant's;
@@ -236,6 +263,7 @@ class TrainConfig:
     variant: Literal["paper", "reference"] | None = None
     init: Literal["default", "identity"] | None = None
     normalize_factors: bool | None = None
+    decoder_norm: bool | None = None
     anchor_scale: float | None = None
     query_residual_weight: float | None = None
     token_dropout: float | None = None
@@ -304,6 +332,13 @@ class TrainConfig:
         for name, value in {**preset, **SHAPES[shape]}.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.lr == "by size":
+            object.__setattr__(self, "lr", default_lr(self.hidden_dim, self.rank))
+        if self.decoder_norm == "by size":
+            # The reference form's sequence state grows ~2x per refinement step; from 3 steps
+            # on the decoders need a LayerNorm (4 steps without: val mAP 0.20 / 0.05 against
+            # cosine's 0.24 / 0.19 on the small track; with: 0.24 / 0.15).
+            object.__setattr__(self, "decoder_norm", self.num_steps > 2)
         if not self.train:
             raise QuARIInputError("give at least one training set")
         ratios = [s.ratio is not None for s in self.train]
@@ -364,6 +399,7 @@ class TrainConfig:
             token_dropout=self.token_dropout,
             normalize_factors=self.normalize_factors,
             init=self.init,
+            decoder_norm=self.decoder_norm,
         )
 
     def with_(self, **changes: Any) -> TrainConfig:
