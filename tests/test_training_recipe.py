@@ -216,6 +216,7 @@ def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(
     assert "negatives: in-batch images of another cluster" in card
     assert "initialisation | the frozen backbone (q′ = q, T = I)" in card
     assert "T = I + 1·U Vᵀ (rank 4)" in card
+    assert "| decoder LayerNorm | no |" in card  # 2 steps: the size-aware default has none
     assert "relevance: same cluster" in card and "60 images" not in card
     assert "best val/mAP (AP@1000; relevance: same cluster)" in card
     assert "| metric | this model | frozen backbone (cosine) |" in card

@@ -368,6 +368,7 @@ def _model_card(model: QuARIModel) -> str:
         f"| initialisation | {start.get(cfg.init, cfg.init)} |",
         f"| hidden dim / layers / heads / steps | {cfg.hidden_dim} / {cfg.num_layers} / "
         f"{cfg.num_heads} / {cfg.num_steps} |",
+        f"| decoder LayerNorm | {'yes' if cfg.decoder_norm else 'no'} |",
         f"| parameters | {n_params:,} |",
         f"| quari version | {__version__} |",
     ]
