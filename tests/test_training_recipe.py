@@ -86,6 +86,8 @@ def test_models_saved_before_decoder_norm_load_with_their_variants_decoders(tmp_
         assert back.config.decoder_norm is norm
         with torch.no_grad():
             torch.testing.assert_close(back(q).score(d), model(q).score(d), atol=0, rtol=0)
+    with pytest.raises(QuARIInputError, match="decoder_norm must be true or false"):
+        tiny_config("reference", decoder_norm="yes")
     normed = QuARIModel(identity_config(decoder_norm=True))
     save(normed, tmp_path / "normed")
     assert load(tmp_path / "normed").config == normed.config

@@ -138,6 +138,8 @@ class HyperNetConfig:
         for name, value in _VARIANT_DEFAULTS[self.variant].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if not isinstance(self.decoder_norm, bool):
+            raise QuARIInputError(f"decoder_norm must be true or false, got {self.decoder_norm!r}")
         for name in ("dropout", "token_dropout", "query_residual_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
