@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import machine
 from quari.eval.synthetic import planted_768, write_planted_set
 from quari.store import EmbeddingSet
 from quari.training import TrainConfig, TrainSource, train
@@ -118,13 +121,10 @@ def main() -> None:
     stop = StopAfter(args.seconds)
     t1 = time.perf_counter()
     result = train(config, callbacks=[stop])
-    device = (
-        f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-        if torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
-    )
     report = {
-        "device": device,
+        "machine": machine(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
         "recipe": {k: getattr(config, k) for k in RECIPE_FIELDS},
         "rows": rows,
         "steps": stop.steps,

@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import machine
 from quari.eval.synthetic import planted_768, planted_pairs
 from quari.hypernet import QuARIModel
 from quari.training import TrainConfig, TrainSource
@@ -83,7 +86,7 @@ def main() -> None:
     data = tuple(torch.from_numpy(x) for x in (pairs.images, pairs.texts, pairs.image_of_text))
     print(f"paper size {PAPER_SIZE}, batch {args.batch}, chance loss {math.log(args.batch):.3f}")
     rows = [run(name, json.loads(changes), data, args) for name, changes in recipes]
-    report = {"machine": f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+    report = {"machine": machine(), "threads": torch.get_num_threads(),
               "size": PAPER_SIZE, "batch": args.batch, "warmup": args.warmup,
               "chance_loss": math.log(args.batch), "runs": rows}  # fmt: skip
     print(
