@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quari import Adaptation, QuARIInputError, QuARIModel
-from quari.checkpoint import CheckpointError, load, load_reference, save
+from quari.checkpoint import CheckpointError, load, load_reference, save, validation_verdict
 
 from helpers import tiny_config
 
@@ -238,3 +238,27 @@ def test_hf_spec_reads_the_hub_cache_offline(fixture_dir, tmp_path, monkeypatch)
         load_model("hf:EricX003/not-cached")
     with pytest.raises(QuARIInputError, match="expected hf:<owner>/<name>"):
         load_model("hf:no-owner")
+
+
+@pytest.mark.parametrize(
+    ("val", "base", "start", "change"),
+    [
+        (0.5, 0.4, "Above the", "+25.0 %"),
+        (0.3, 0.4, "Below the", "-25.0 %"),
+        (0.4, 0.4, "Level with the", "+0.0 %"),
+    ],
+)
+def test_validation_verdict_compares_the_model_with_plain_cosine(val, base, start, change):
+    verdict = validation_verdict({"val/mAP": val, "baseline/mAP": base, "val/recall@1": 0.9})
+    assert verdict.startswith(f"{start} frozen backbone: validation mAP {val:.4f}")
+    assert f"plain cosine's {base:.4f} ({change})" in verdict
+    assert ("plain cosine ranks better" in verdict) == (start == "Below the")
+    recall = validation_verdict({"val/recall@1": 0.2, "baseline/recall@1": 0.8}, "recall@1")
+    assert recall.startswith("Below the frozen backbone: validation recall@1 0.2000")
+
+
+def test_validation_verdict_needs_both_numbers():
+    assert validation_verdict({}) is None
+    assert validation_verdict({"val/mAP": 0.5}) is None
+    assert validation_verdict({"baseline/mAP": 0.5}) is None
+    assert validation_verdict({"val/mAP": "0.5", "baseline/mAP": 0.4}) is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quari import Adaptation, HyperNetConfig, QuARIModel
-from quari.checkpoint import load, save
+from quari.checkpoint import load, save, validation_verdict
 from quari.errors import QuARIInputError
 from quari.eval.metrics import per_query_metrics, relevance_matrix
 from quari.eval.synthetic import PlantedSpec, write_planted_set
@@ -224,6 +224,7 @@ def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(
     assert "| metric | this model | frozen backbone (cosine) |" in card
     m = result.metrics
     assert f"| mAP | {round(m['val/mAP'], 6)} | {round(m['baseline/mAP'], 6)} |" in card
+    assert f"**{validation_verdict(m)}**" in card
     model = load(cfg.out)
     assert model.metadata["metrics"]["baseline/mAP"] == pytest.approx(m["baseline/mAP"])
     assert model.config.init == "identity"

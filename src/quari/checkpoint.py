@@ -38,7 +38,9 @@ from quari.errors import CheckpointError, NotFoundError, QuARIInputError, missin
 from quari.fileio import atomic_write, inside, read_json
 from quari.hypernet import HyperNetConfig, QuARIModel
 
-__all__ = ["CheckpointError", "load", "load_model", "load_reference", "save"]
+__all__ = [
+    "CheckpointError", "load", "load_model", "load_reference", "save", "validation_verdict",
+]  # fmt: skip
 
 FORMAT = "quari-model"
 FORMAT_VERSION = 1
@@ -339,6 +341,42 @@ def _build(config: HyperNetConfig, state: dict[str, torch.Tensor], where: Path) 
     return model.eval()
 
 
+def validation_verdict(metrics: dict[str, Any], metric: str = "mAP") -> str | None:
+    """One sentence saying whether a trained model beat the frozen backbone on validation.
+
+    Training records each validation metric twice, ``val/<name>`` for the model and
+    ``baseline/<name>`` for plain cosine on the same queries and gallery. A model that trained
+    without error can still rank worse than cosine (too little or too generic data, a recipe
+    that does not fit it); the model card and ``quari train`` say so in words instead of
+    leaving it to a table.
+
+    Args:
+        metrics: Validation metrics as training records them.
+        metric: The metric compared (the one that chose the exported checkpoint).
+
+    Returns:
+        The sentence, or None when either number is missing.
+
+    Example:
+        >>> print(validation_verdict({"val/mAP": 0.45, "baseline/mAP": 0.88})[:78])
+        Below the frozen backbone: validation mAP 0.4500 against plain cosine's 0.8800
+    """
+    val, base = metrics.get(f"val/{metric}"), metrics.get(f"baseline/{metric}")
+    if not isinstance(val, (int, float)) or not isinstance(base, (int, float)):
+        return None
+    numbers = f"validation {metric} {val:.4f} against plain cosine's {base:.4f}"
+    if base > 0:
+        numbers += f" ({100 * (val - base) / base:+.1f} %)"
+    if val > base:
+        return f"Above the frozen backbone: {numbers}."
+    if val == base:
+        return f"Level with the frozen backbone: {numbers}."
+    return (
+        f"Below the frozen backbone: {numbers}; searching the embeddings with plain cosine "
+        "ranks better on this validation set."
+    )
+
+
 def _model_card(model: QuARIModel) -> str:
     cfg, meta = model.config, model.metadata
     n_params = sum(p.numel() for p in model.parameters())
@@ -381,6 +419,9 @@ def _model_card(model: QuARIModel) -> str:
         lines += ["", "## Validation", ""]
         if "checkpoint" in meta:
             lines += [f"Exported checkpoint: {meta['checkpoint']}.", ""]
+        verdict = validation_verdict(metrics)
+        if verdict:
+            lines += [f"**{verdict}**", ""]
         paired = sorted(k[4:] for k in metrics if k.startswith("val/"))
         if paired:
             lines += ["| metric | this model | frozen backbone (cosine) |", "|---|---|---|"]

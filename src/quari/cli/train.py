@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from quari.checkpoint import validation_verdict
 from quari.cli import app, console, friendly_errors
 from quari.store import EmbeddingSet
 from quari.training.config import TrainConfig, TrainSource
@@ -247,6 +248,9 @@ def train_command(
         f"trained {result.steps:,} steps → {result.model_dir} ({result.exported} weights)"
         + (f"; validation {summary}" if summary else "")
     )
+    verdict = validation_verdict(result.metrics)
+    if verdict:
+        console.print(verdict, style="bold yellow" if verdict.startswith("Below") else None)
 
 
 def _validation_summary(m: dict[str, float]) -> str:
