@@ -99,6 +99,17 @@ def test_train_with_ablation_switches_then_resume(app, tmp_path):
     assert resumed.exit_code == 0, resumed.output
 
 
+def test_train_says_when_it_exports_the_identity_start(app, tmp_path):
+    write_planted_set(tmp_path / "set", 60, SPEC, captions_per_image=2)
+    args = tiny_args(tmp_path, "--no-semipos", "--lr", "0.3", "--warmup-steps", "0")
+    out = runner.invoke(app, [*args, "--max-steps", "8", "--val-every", "4"])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.output.split())
+    assert "(start weights)" in text and "Level with the frozen backbone" in text
+    assert "Every validated checkpoint scored below the starting point" in text
+    assert load(tmp_path / "run").metadata["steps"] == 0
+
+
 def test_train_errors_are_one_line(app, tmp_path):
     write_planted_set(tmp_path / "set", 30, SPEC, captions_per_image=1)
     make_set(tmp_path / "other", shards=(30,), dim=24, text=True, encoder="other-encoder")

@@ -89,6 +89,36 @@ def test_training_beats_cosine_on_planted_structure(tmp_path):
     assert elapsed < 90, f"end-to-end took {elapsed:.0f} s of CPU time"
 
 
+def test_a_run_that_only_got_worse_exports_its_identity_start(tmp_path):
+    """A learning rate far too high wrecks every validated checkpoint; with ``export="best"``
+    the identity start (exactly the frozen backbone) is exported and says so, and with
+    ``export="last"`` the wrecked weights are, as asked."""
+    write_planted_set(tmp_path / "set", 120, PlantedSpec(dim=24, cluster_dim=8, subspace_dim=4))
+    runs = {}
+    for export in ("best", "last"):
+        cfg = TrainConfig(
+            train=(TrainSource(tmp_path / "set"),), out=tmp_path / export, image_key="image_id",
+            val_fraction=0.3, rank=4, hidden_dim=16, num_layers=1, num_heads=2, num_steps=2,
+            batch_size=16, max_steps=8, val_every_steps=4, semipos=False, lr=0.3,
+            warmup_steps=0, export=export, progress=False, accelerator="cpu",
+        )  # fmt: skip
+        runs[export] = train(cfg)
+    best, last = runs["best"], runs["last"]
+    assert last.exported == "last" and last.metrics["val/mAP"] < last.metrics["baseline/mAP"]
+    assert best.exported == "start" and best.steps == 8
+    assert best.metrics["val/mAP"] == best.metrics["baseline/mAP"]  # the start is cosine
+    model = load(tmp_path / "best")
+    assert model.metadata["steps"] == 0 and model.metadata["exported"] == "start (step 0)"
+    queries = torch.nn.functional.normalize(torch.randn(5, 24), dim=-1)
+    gallery = torch.nn.functional.normalize(torch.randn(30, 24), dim=-1)
+    with torch.inference_mode():
+        got = model(queries).score(gallery)
+    torch.testing.assert_close(got, queries @ gallery.T, atol=1e-6, rtol=0)
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert "the identity start (the frozen backbone's scores)" in card
+    assert "**Level with the frozen backbone" in card
+
+
 @pytest.mark.parametrize("gallery_size", [40, VAL_TOP_K + 60])
 def test_validation_metrics_match_brute_force_ranks(gallery_size):
     """val/… and baseline/… against full argsort ranks of each query's one true image:

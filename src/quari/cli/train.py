@@ -251,6 +251,13 @@ def train_command(
     verdict = validation_verdict(result.metrics)
     if verdict:
         console.print(verdict, style="bold yellow" if verdict.startswith("Below") else None)
+    if result.exported == "start":
+        console.print(
+            "Every validated checkpoint scored below the starting point, so the exported model "
+            "is that start: it ranks exactly as plain cosine. Training did not improve on plain "
+            "cosine for this data.",
+            style="bold yellow",
+        )
 
 
 def _validation_summary(m: dict[str, float]) -> str:

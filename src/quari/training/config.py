@@ -241,7 +241,8 @@ class TrainConfig:
             terminal, every this many steps.
         num_workers: DataLoader worker processes (0 gathers in the training process).
         progress: Show progress (a bar on a terminal, lines otherwise).
-        export: Export the ``"best"`` (validation mAP) or the ``"last"`` weights to ``out``.
+        export: Export the ``"best"`` (validation mAP; with the identity start, the start
+            itself is a candidate) or the ``"last"`` weights to ``out``.
 
     Example:
         >>> cfg = TrainConfig(train=(TrainSource(Path("coco")),), out=Path("runs/coco"),

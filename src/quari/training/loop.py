@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from quari.checkpoint import load, save
 from quari.errors import CheckpointError, LockError, QuARIInputError, TrainingError
 from quari.fileio import atomic_write
+from quari.hypernet import QuARIModel
 from quari.training.callbacks import (
     CHECKPOINTS,
     LAST,
@@ -77,8 +78,10 @@ class TrainResult:
         model_dir: The exported model folder (``config.out``).
         steps: Optimiser steps taken in all (over resumes).
         metrics: Validation metrics of the exported weights (``val/…``, ``baseline/…``).
-        exported: ``"best"`` or ``"last"``: which weights were exported (``"none"`` when
-            the run was interrupted: only its checkpoint was written).
+        exported: ``"best"``, ``"last"`` or ``"start"`` (the identity start, when every
+            validated checkpoint scored below it and ``export="best"``): which weights were
+            exported (``"none"`` when the run was interrupted: only its checkpoint was
+            written).
         interrupted: The signal that stopped the run (``"SIGINT"``, ``"SIGTERM"``), or None.
     """
 
@@ -494,7 +497,33 @@ def _export(
     model.metadata["checkpoint"] = (
         f"best {selection}" if config.export == "best" else f"last (validated by {selection})"
     )
+    if config.export == "best" and model.config.init == "identity":
+        start = _identity_start(model, validation)
+        if start.metadata["metrics"][SELECTION_METRIC] > model.metadata["metrics"].get(
+            SELECTION_METRIC, float("-inf")
+        ):
+            model, exported = start, "start"
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
     save(model, config.out)
     metrics = {k: float(v) for k, v in (model.metadata.get("metrics") or {}).items()}
     return TrainResult(config.out, final_steps, metrics, exported)
+
+
+def _identity_start(trained: QuARIModel, validation: tuple[torch.Tensor, ...]) -> QuARIModel:
+    """The run's starting point, validated: a model of the same configuration with the identity
+    start (q′ = q, T = I: the frozen backbone's scores, whatever its other weights). When
+    training made every validated checkpoint worse than that, it is the best weights the run
+    has, and exporting it keeps a service from answering worse than plain cosine."""
+    queries, gallery, keys, gallery_keys = validation
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        start = QuARIModel(trained.config).eval()
+    metrics = validation_metrics(start, queries, gallery, keys, gallery_keys=gallery_keys)
+    start.metadata = {
+        **trained.metadata,
+        "steps": 0,
+        "metrics": {k: round(v, 6) for k, v in metrics.items()},
+        "checkpoint": trained.metadata["checkpoint"]
+        + ": the identity start (the frozen backbone's scores), as every validated checkpoint"
+        " scored below it",
+    }
+    return start
