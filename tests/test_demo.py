@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from quari.checkpoint import validation_verdict
 from quari.demo import DemoConfig, run_demo
 from quari.demo.recipe import IMAGE_KEY, quari_config
 from quari.errors import DataError, NotFoundError
@@ -111,7 +112,7 @@ def parse(path: Path) -> PageParser:
 
 @pytest.mark.slow
 def test_the_report_holds_quari_beside_the_baseline(demo):
-    config, result, _ = demo
+    config, result, lines = demo
     assert result.report == config.out / "report.html" and result.report.is_file()
     page = parse(result.report)
     results = load_results(config.out / "eval" / "results.json")
@@ -132,6 +133,9 @@ def test_the_report_holds_quari_beside_the_baseline(demo):
     assert {r.method["kind"] for r in quari} == {"quari"}
     assert {r.queries for r in results if r.split == "t2i-test"} == {TINY["text_queries"]}
     assert {r.queries for r in results if r.split == "i2i-test"} == {TINY["image_queries"]}
+    # training said in words how the exported model compares with cosine on validation
+    trained = next(stage for stage in result.stages if stage.name == "train")
+    assert validation_verdict(trained.summary["metrics"]) in lines
 
 
 @pytest.mark.slow

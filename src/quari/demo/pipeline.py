@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from quari.checkpoint import load_model
+from quari.checkpoint import load_model, validation_verdict
 from quari.demo.config import DemoConfig
 from quari.demo.recipe import linear_config, quari_config, recipe_summary
 from quari.demo.report import HEADLINE_MODE, TRACKS, demo_table, write_page
@@ -211,6 +211,9 @@ def _run(config: DemoConfig, out: Path, threads: int, echo: Callable[[str], None
             duration=timedelta(minutes=config.train_minutes), interval="step", verbose=False
         )
         result = train(train_config, callbacks=[timer])
+        verdict = validation_verdict(result.metrics)
+        if verdict:
+            echo(verdict)
         stopped = result.steps < config.train_steps
         if stopped:
             echo(
