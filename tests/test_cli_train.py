@@ -81,11 +81,11 @@ def test_train_with_ablation_switches_then_resume(app, tmp_path):
     out = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
     assert out.exit_code == 0, out.output
     assert "trained 4 steps" in out.output and "cosine" in out.output
-    m = load(tmp_path / "run").metadata["metrics"]
+    model = load(tmp_path / "run")
+    m = model.metadata["metrics"]
     verdict = "Above the" if m["val/mAP"] > m["baseline/mAP"] else "Below the"
     verdict = "Level with the" if m["val/mAP"] == m["baseline/mAP"] else verdict
     assert f"{verdict} frozen backbone: validation mAP" in " ".join(out.output.split())
-    model = load(tmp_path / "run")
     assert model.config.num_steps == 1 and model.config.rank == 4
     assert model.config.variant == "reference"
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())

@@ -497,9 +497,17 @@ def _export(
     model.metadata["checkpoint"] = (
         f"best {selection}" if config.export == "best" else f"last (validated by {selection})"
     )
-    if config.export == "best" and model.config.init == "identity":
+    chosen = model.metadata["metrics"]
+    baseline = "baseline/" + SELECTION_METRIC.split("/", 1)[1]
+    # The identity start scores as the frozen baseline, so only a model below that can lose
+    # to it; the start is then validated itself, and exported if it does better.
+    if (
+        config.export == "best"
+        and model.config.init == "identity"
+        and chosen.get(SELECTION_METRIC, float("-inf")) < chosen.get(baseline, float("-inf"))
+    ):
         start = _identity_start(model, validation)
-        if start.metadata["metrics"][SELECTION_METRIC] > model.metadata["metrics"].get(
+        if start.metadata["metrics"][SELECTION_METRIC] > chosen.get(
             SELECTION_METRIC, float("-inf")
         ):
             model, exported = start, "start"
