@@ -108,6 +108,14 @@ def test_train_says_when_it_exports_the_identity_start(app, tmp_path):
     assert "(start weights)" in text and "Level with the frozen backbone" in text
     assert "Every validated checkpoint scored below the starting point" in text
     assert load(tmp_path / "run").metadata["steps"] == 0
+    last = runner.invoke(app, [*args, "--max-steps", "8", "--val-every", "4", "--export", "last",
+                               "--out", str(tmp_path / "last")])  # fmt: skip
+    assert last.exit_code == 0, last.output
+    text = " ".join(last.output.split())
+    assert "(last weights)" in text and "Below the frozen backbone" in text
+    assert load(tmp_path / "last").metadata["steps"] == 8
+    bad = runner.invoke(app, [*args, "--export", "newest", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "export must be 'best' or 'last'" in bad.output
 
 
 def test_train_errors_are_one_line(app, tmp_path):

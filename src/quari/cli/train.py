@@ -139,6 +139,13 @@ def train_command(
     val_every: Annotated[
         int | None, typer.Option(help="Validate every N steps (default: each epoch).")
     ] = None,
+    export: Annotated[
+        str,
+        typer.Option(
+            help="Weights to export: best (the best validated checkpoint, or the start when "
+            "training only made things worse) or last."
+        ),
+    ] = "best",
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 1000,
     checkpoint_minutes: Annotated[
         float, typer.Option(help="... and every M minutes (0: by steps only).")
@@ -224,6 +231,7 @@ def train_command(
         warmup_steps=warmup_steps,
         early_stopping_patience=patience or None,
         val_every_steps=val_every,
+        export=export,
         checkpoint_every=checkpoint_every,
         checkpoint_minutes=checkpoint_minutes or None,
         log_every=log_every,
