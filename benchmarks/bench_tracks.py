@@ -25,7 +25,8 @@ What limits a model that learns from the training captions alone, for text→ima
   query's own embedding (its share read right is reported beside always guessing the most
   common level). The val and test queries use words never seen in training, so this shows
   how much of a query's attribute levels the text tower carries over from the training words
-  — a bound on what any model trained on these captions can make of the query.
+  — an estimate (through linear probes) of what a model trained on these captions can make of
+  the query.
 
 Usage::
 
@@ -157,7 +158,7 @@ def class_then_cosine(
     read = np.asarray(classes)[np.argmax(np.stack([log_p["label"][c] for c in classes]), 0)]
     q = np.array(pq.read_table(out / "t2i" / split / "queries.parquet")["embedding"].to_pylist(),
                  np.float32)  # fmt: skip
-    cos = q @ g.T  # a cosine is < 2 below 1, so "+ 2" ranks the class first
+    cos = q @ g.T  # cosines lie in [-1, 1]: a bonus of 2 puts every image of the class first
     out_ = {"probe_class_accuracy": float((read == true).mean())}
     for name, cls in (("class_oracle_cosine", true), ("probe_class_cosine", read)):
         aps = [
