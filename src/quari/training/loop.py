@@ -498,18 +498,13 @@ def _export(
         f"best {selection}" if config.export == "best" else f"last (validated by {selection})"
     )
     chosen = model.metadata["metrics"]
-    baseline = "baseline/" + SELECTION_METRIC.split("/", 1)[1]
+    score = chosen.get(SELECTION_METRIC, float("-inf"))
+    baseline = chosen.get("baseline/" + SELECTION_METRIC.split("/", 1)[1], float("-inf"))
     # The identity start scores as the frozen baseline, so only a model below that can lose
     # to it; the start is then validated itself, and exported if it does better.
-    if (
-        config.export == "best"
-        and model.config.init == "identity"
-        and chosen.get(SELECTION_METRIC, float("-inf")) < chosen.get(baseline, float("-inf"))
-    ):
+    if config.export == "best" and model.config.init == "identity" and score < baseline:
         start = _identity_start(model, validation)
-        if start.metadata["metrics"][SELECTION_METRIC] > chosen.get(
-            SELECTION_METRIC, float("-inf")
-        ):
+        if start.metadata["metrics"][SELECTION_METRIC] > score:
             model, exported = start, "start"
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
     save(model, config.out)
