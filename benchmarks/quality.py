@@ -11,18 +11,25 @@ scored by mAP@100 (``ap@100``, exhaustive ``scan`` mode) on both tracks — text
 * ``default``: ``TrainConfig`` defaults (no recipe flags), as ``quari train`` runs them;
 * ``paper``: ``--preset paper`` (the paper's recipe) at the CPU size, same number of steps;
 * ablations of the default: ``no noise``, ``no semi-positives``, ``single step``
-  (``num_steps=1``, also the steps-1 row), ``rank 32/64`` and ``steps 4`` (on a CPU the
-  default itself is rank 16 with 2 steps).
+  (``num_steps=1``, also the steps-1 row), ``rank 32/64/128`` and ``steps 4/8`` (on a CPU
+  the default itself is rank 16 with 2 steps).
 
 The headline rows (cosine, linear, default) run ``--seeds`` seeds (mean ± std); the others
 one. Every QuARI row trains for ``--max-steps`` steps (default: what the default recipe would
 run on this set), validation relevance by ``label`` (the sets' class column), export "best".
+
+A run resumes: rows already in the JSON file from a run with the same track, split and step
+count (and, for headline rows, at least as many seeds) are kept, not re-run — so an
+interrupted run, or a later ``--rows`` run that adds rows, extends the same table and report
+(``--rerun`` measures the named rows again; ``--fresh`` starts over). The report is drawn
+from seed 0 of every row, kept beside it in ``results.json``.
 
 Usage::
 
     python benchmarks/quality.py --track /tmp/tracks-small                   # every row
     python benchmarks/quality.py --track /tmp/tracks-small --rows cosine,linear,default
     python benchmarks/quality.py --track /tmp/tracks-small --split val --seeds 1
+    python benchmarks/quality.py --track /tmp/tracks-small --rows "rank 64" --rerun
 
 Writes ``benchmarks/results/quality_<track folder name>.json`` (or ``--json``) and, from seed 0
 of every row, ``quari eval report``'s markdown and plots (``--report``; per track: mAP per
@@ -48,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import machine
 from quari.checkpoint import load_model
 from quari.eval.linear import LinearTrainConfig, train_linear
-from quari.eval.protocols.base import EvalResult
+from quari.eval.protocols.base import EvalResult, load_results, save_results
 from quari.eval.protocols.custom import CustomEvaluator
 from quari.eval.report import write_report
 from quari.training import TrainConfig, TrainSource, train
@@ -77,13 +84,18 @@ ROWS: dict[str, dict | None] = {
     },
     "rank 32": {"rank": 32},
     "rank 64": {"rank": 64},
+    "rank 128": {"rank": 128},
     "steps 4": {"num_steps": 4},
+    "steps 8": {"num_steps": 8},
 }
 
 
 #: The rows that make the report's rank and steps sweeps (the others leave those fields out,
 #: so that each plot shows one sweep of the default recipe).
-SWEEPS = {"rank": ("default", "rank 32", "rank 64"), "steps": ("single step", "default", "steps 4")}
+SWEEPS = {
+    "rank": ("default", "rank 32", "rank 64", "rank 128"),
+    "steps": ("single step", "default", "steps 4", "steps 8"),
+}
 
 
 def evaluate(track: Path, split: str, model, row: str) -> dict[str, EvalResult]:
@@ -147,6 +159,24 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def previous_run(path: Path, report: Path, settings: dict) -> tuple[dict, list[EvalResult]]:
+    """The rows and seed-0 results a previous run with the same ``settings`` left in ``path``
+    and ``report`` (empty when there is none, or it measured something else)."""
+    if not path.is_file():
+        return {}, []
+    payload = json.loads(path.read_text())
+    mismatched = [k for k, v in settings.items() if payload.get(k) != v]
+    if mismatched:
+        print(f"{path}: a run with other {', '.join(mismatched)}; starting over", flush=True)
+        return {}, []
+    kept = report / "results.json"
+    results = load_results(kept) if kept.is_file() else []
+    named = {r.method.get("name") for r in results}
+    # A row is only kept with its report entries: otherwise the plots would miss it.
+    rows = {k: v for k, v in payload.get("rows", {}).items() if k in named}
+    return rows, [r for r in results if r.method.get("name") in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--track", type=Path, required=True, help="a built track folder")
@@ -163,43 +193,54 @@ def main() -> None:
         help="folder for `quari eval report`'s markdown and plots of seed 0 of every row "
         "(default: benchmarks/results/quality_<track>_report)",
     )
+    parser.add_argument("--rerun", action="store_true", help="measure the named rows again")
+    parser.add_argument("--fresh", action="store_true", help="drop every kept row first")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         parser.error(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
-    results: dict = {}
     track_info = json.loads((args.track / "track.json").read_text())
     path = args.json or RESULTS / f"quality_{args.track.name}.json"
     report = args.report or RESULTS / f"quality_{args.track.name}_report"
-    evaluated: list[EvalResult] = []
+    settings = {"split": args.split, "max_steps": args.max_steps, "sizes": track_info.get("sizes")}
+    results, evaluated = ({}, []) if args.fresh else previous_run(path, report, settings)
 
     def write() -> None:  # after every row, so an interrupted run keeps what it measured
+        ordered = {k: results[k] for k in ROWS if k in results}
         payload = {
             "machine": machine(),
             "note": "shared 2-core machine; other jobs ran at the same time (timings indicative)",
             "track": str(args.track),
-            "sizes": track_info.get("sizes"),
-            "split": args.split,
+            **settings,
             "metric": "ap@100 (scan mode)",
-            "max_steps": args.max_steps,
             "threads": args.threads,
-            "load_average": os.getloadavg(),
-            "rows": results,
+            "rows": ordered,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
+        order = {name: i for i, name in enumerate(ROWS)}
+        evaluated.sort(key=lambda r: order[r.method["name"]])
+        save_results(evaluated, report / "results.json")
+        write_report(evaluated, report)
 
     with tempfile.TemporaryDirectory(prefix="quari-quality-") as tmp:
         for row in rows:
-            seeds = range(args.seeds if row in HEADLINE else 1)
+            want = args.seeds if row in HEADLINE else 1
+            if row in results and results[row]["seeds"] >= want and not args.rerun:
+                print(f"{row:<18} kept from {path.name} ({results[row]['seeds']} seed(s))")
+                continue
             runs = [run_row(args.track, row, s, args.split, Path(tmp), args.max_steps)
-                    for s in seeds]  # fmt: skip
-            results[row] = summarise([scores for scores, _ in runs])
+                    for s in range(want)]  # fmt: skip
+            results[row] = {
+                **summarise([scores for scores, _ in runs]),
+                "measured": time.strftime("%Y-%m-%d %H:%M"),
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+            }
+            evaluated[:] = [r for r in evaluated if r.method.get("name") != row]
             evaluated.extend(runs[0][1].values())
             write()
-            write_report(evaluated, report)
             r = results[row]
             print(
                 f"{row:<18} t2i {r['t2i']:.4f} ± {r['t2i_std']:.4f}   "
@@ -209,7 +250,8 @@ def main() -> None:
             )
     base = results.get("cosine")
     print(f"\n{'row':<18} {'t2i mAP@100':>16} {'i2i mAP@100':>16} {'vs cosine':>18} {'s':>6}")
-    for row, r in results.items():
+    for row in (k for k in ROWS if k in results):
+        r = results[row]
         rel = ""
         if base:
             rel = " / ".join(f"{100 * (r[t] / base[t] - 1):+.1f}%" for t in TRACKS)
