@@ -101,6 +101,13 @@ def test_eval_inquire_and_ilias_then_report(app, tmp_path, models):
         assert image.size == (830, 360)  # 7 bars: (0.9 · 7 + 2) in × 3.6 in at 100 dpi
     with Image.open(tmp_path / "report" / "mini-ilias-i2i-mini-latency.png") as image:
         assert image.size == (700, 400)
+    assert "**Against cosine · plain**" in md  # each model against the frozen backbone
+    out = runner.invoke(
+        app,
+        ["eval", "report", str(tmp_path / "inquire.json"), "--out", str(tmp_path / "r2"),
+         "--no-plots", "--baseline", "nope"],
+    )  # fmt: skip
+    assert out.exit_code != 0 and "baseline 'nope' is none of the methods" in out.output
 
 
 def test_eval_rerank_with_tuned_aqe_and_errors(app, tmp_path, models):

@@ -366,11 +366,18 @@ def report(
     results: Annotated[list[Path], typer.Argument(help="Result JSON files from quari eval --out.")],
     out: Annotated[Path, typer.Option(help="Output folder for report.md and the plots.")],
     no_plots: Annotated[bool, typer.Option(help="Tables only (no matplotlib needed).")] = False,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Method every other one is compared with (paired bootstrap over queries); "
+            "default: the plain (frozen backbone) result."
+        ),
+    ] = None,
 ) -> None:
     """Collect result files into a markdown report with plots."""
     loaded = [r for path in results for r in load_results(path)]
     if not loaded:
         raise QuARIInputError("the result files hold no results")
-    path = write_report(loaded, out, plots=not no_plots)
+    path = write_report(loaded, out, plots=not no_plots, baseline=baseline)
     pngs = sorted(p.name for p in out.glob("*.png"))
     console.print(f"wrote {path} ({len(loaded)} results, {len(pngs)} plots)")
