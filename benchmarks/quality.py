@@ -161,14 +161,17 @@ def summarise(runs: list[dict]) -> dict:
 
 def previous_run(path: Path, report: Path, settings: dict) -> tuple[dict, list[EvalResult]]:
     """The rows and seed-0 results a previous run with the same ``settings`` left in ``path``
-    and ``report`` (empty when there is none, or it measured something else)."""
+    and ``report`` (empty when there is none); exits, touching nothing, when that run measured
+    something else."""
     if not path.is_file():
         return {}, []
     payload = json.loads(path.read_text())
     mismatched = [k for k, v in settings.items() if payload.get(k) != v]
     if mismatched:
-        print(f"{path}: a run with other {', '.join(mismatched)}; starting over", flush=True)
-        return {}, []
+        raise SystemExit(
+            f"{path} holds a run with another {', '.join(mismatched)}: pass --json (and "
+            "--report) elsewhere, or --fresh to replace it"
+        )
     kept = report / "results.json"
     results = load_results(kept) if kept.is_file() else []
     named = {r.method.get("name") for r in results}
@@ -215,8 +218,7 @@ def main() -> None:
             "track": str(args.track),
             **settings,
             "metric": "ap@100 (scan mode)",
-            "threads": args.threads,
-            "rows": ordered,
+            "rows": ordered,  # each with when, on how many threads and under what load
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -225,6 +227,7 @@ def main() -> None:
         save_results(evaluated, report / "results.json")
         write_report(evaluated, report)
 
+    measured = False
     with tempfile.TemporaryDirectory(prefix="quari-quality-") as tmp:
         for row in rows:
             want = args.seeds if row in HEADLINE else 1
@@ -236,11 +239,13 @@ def main() -> None:
             results[row] = {
                 **summarise([scores for scores, _ in runs]),
                 "measured": time.strftime("%Y-%m-%d %H:%M"),
+                "threads": args.threads,
                 "load_average": [round(x, 2) for x in os.getloadavg()],
             }
             evaluated[:] = [r for r in evaluated if r.method.get("name") != row]
             evaluated.extend(runs[0][1].values())
             write()
+            measured = True
             r = results[row]
             print(
                 f"{row:<18} t2i {r['t2i']:.4f} ± {r['t2i_std']:.4f}   "
@@ -259,7 +264,10 @@ def main() -> None:
             f"{row:<18} {r['t2i']:.4f}±{r['t2i_std']:.4f}  {r['i2i']:.4f}±{r['i2i_std']:.4f} "
             f"{rel:>18} {r['train_s']:>6.0f}"
         )
-    print(f"\nwrote {path} and {report}/report.md")
+    if measured:
+        print(f"\nwrote {path} and {report}/report.md")
+    else:
+        print(f"\nnothing measured: every row asked for is kept in {path}")
 
 
 if __name__ == "__main__":
