@@ -151,3 +151,7 @@ def test_compare_errors(results, tmp_path):
         write_report(results, tmp_path / "r", baseline="nope", plots=False)
     md = write_report(results, tmp_path / "r", baseline="r4-L2", plots=False).read_text()
     assert "**Against r4-L2 · scan**" in md and "| cosine | plain |" in md
+    # A result over other queries does not stop the report: its comparison row says why.
+    other = _with_scores(template, "other", ["x1", "x2"], [0.3, 0.4], metric="ap@20")
+    md = write_report([*results, other], tmp_path / "r", plots=False).read_text()
+    assert "| other | scan | – | – | – | no shared queries |" in md

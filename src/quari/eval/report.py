@@ -174,14 +174,19 @@ def comparison_table(
 ) -> tuple[list[str], list[list[str]]]:
     """(header, rows): each result other than ``baseline`` against it on its primary metric —
     the difference (in the table's units), its relative size, the interval, and whether the
-    interval excludes 0."""
+    interval excludes 0 (a row of dashes where they share no query)."""
     metric = baseline.primary_metric
     header = ["method", "mode", f"Δ {metric}", "relative", "95 % interval", "beyond chance"]
     rows = []
     for r in results:
         if r is baseline:
             continue
-        c = compare(r, baseline, metric=metric)
+        try:
+            c = compare(r, baseline, metric=metric)
+        except QuARIInputError:  # other queries (e.g. a --max-queries run): nothing to pair
+            name = str(r.method.get("name", "?"))
+            rows.append([name, r.mode, "–", "–", "–", "no shared queries"])
+            continue
         verdict = "no" if not c.significant else ("better" if c.delta > 0 else "worse")
         rows.append(
             [
