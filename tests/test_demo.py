@@ -20,6 +20,7 @@ from quari.demo import DemoConfig, run_demo
 from quari.demo.recipe import IMAGE_KEY, quari_config
 from quari.errors import DataError, NotFoundError
 from quari.eval.protocols import load_results
+from quari.eval.report import compare
 from quari.eval.tracks.fashion_mnist import find_fashion_mnist
 from quari.training import config as training_config
 from quari.training.config import TrainConfig, TrainSource
@@ -78,6 +79,13 @@ class PageParser(html.parser.HTMLParser):
         self.queries: list[tuple[str, str]] = []
         self.row: dict[str, str] | None = None
         self.query = self.method = None
+        self.gains: dict[tuple[str, str, str], str] = {}  # the gain cell's text
+        self.gain_class: dict[tuple[str, str, str], str] = {}  # "up", "down" or ""
+        self.gain_key: tuple[str, str, str] | None = None
+
+    def handle_data(self, data):
+        if self.gain_key is not None:
+            self.gains[self.gain_key] = self.gains.get(self.gain_key, "") + data
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
@@ -86,6 +94,9 @@ class PageParser(html.parser.HTMLParser):
         elif tag == "td" and self.row is not None and "data-value" in a:
             key = (self.row["data-track"], self.row["data-method"], self.row["data-mode"])
             self.cells[(*key, a["data-metric"])] = float(a["data-value"])
+            if a["data-metric"] == "gain":
+                self.gain_class[key] = a["class"].removeprefix("gain").strip()
+                self.gain_key = key
         elif tag == "img":
             self.images.append(a["src"])
         elif tag == "section" and "data-query-id" in a:
@@ -102,6 +113,8 @@ class PageParser(html.parser.HTMLParser):
     def handle_endtag(self, tag):
         if tag == "tr":
             self.row = None
+        elif tag == "td":
+            self.gain_key = None
 
 
 def parse(path: Path) -> PageParser:
@@ -128,6 +141,12 @@ def test_the_report_holds_quari_beside_the_baseline(demo):
             if r.method["name"] != "cosine":
                 gain = r.metrics["ap@100"] / base.metrics["ap@100"] - 1
                 assert page.cells[(*key, "gain")] == pytest.approx(gain, abs=1e-6)
+                # a gain inside the paired interval is marked, not coloured
+                beyond = compare(r, base).significant
+                row = next(x for x in result.table if (x["track"], x["method"], x["mode"]) == key)
+                assert row["beyond_chance"] == beyond
+                assert page.gains[key].endswith("(n.s.)") == (not beyond)
+                assert page.gain_class[key] == ("" if not beyond else "up" if gain > 0 else "down")
     # the QuARI rows are the trained model's, on the whole test split
     quari = [r for r in results if r.method["name"] == "QuARI"]
     assert {r.method["kind"] for r in quari} == {"quari"}
@@ -204,6 +223,7 @@ def test_the_command_prints_the_table_and_how_to_serve(demo):
     text = " ".join(run.output.split())
     assert text.count("reused:") == 7
     assert "QuARI" in text and "cosine" in text and "vs cosine" in text
+    assert "vs cosine in (brackets): not beyond chance" in text  # what a bracketed gain means
     assert f"quari serve {config.out / 'tracks' / 't2i' / 'test' / 'gallery'}" in text
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from quari.cli import app, console, err_console, friendly_errors
 from quari.demo import DEFAULT_SIZE, DEMO_SIZES, DemoConfig, DemoResult, run_demo
-from quari.demo.report import METRIC_NAMES, TRACK_TITLES
+from quari.demo.report import METRIC_NAMES, TRACK_TITLES, gain_text
 from quari.eval.report import format_value
 
 _SIZES = "; ".join(f"{name}: {s.summary}" for name, s in DEMO_SIZES.items())
@@ -27,8 +27,9 @@ def _print_table(result: DemoResult) -> None:
         for col in ("method", "mode", *(METRIC_NAMES[m] for m in metrics), "ms/q", "vs cosine"):
             table.add_column(col, justify="left" if col in ("method", "mode") else "right")
         for r in rows:
-            gain = "" if r["gain"] is None else f"{100 * r['gain']:+.0f} %"
-            style = "green" if (r["gain"] or 0) > 0 else "red" if (r["gain"] or 0) < 0 else ""
+            gain, verdict = gain_text(r)
+            gain = f"({gain})" if verdict == "n.s." else gain  # short enough for 80 columns
+            style = {"up": "green", "down": "red", "n.s.": "dim"}.get(verdict, "")
             table.add_row(
                 r["method"],
                 r["mode"],
@@ -37,6 +38,10 @@ def _print_table(result: DemoResult) -> None:
                 f"[{style}]{gain}[/]" if style else gain,
             )
         console.print(table)
+    console.print(
+        "vs cosine in (brackets): not beyond chance (the 95 % interval of a paired bootstrap "
+        "over the queries holds 0)"
+    )
 
 
 @app.command()

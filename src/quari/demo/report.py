@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from quari.eval.protocols import EvalResult
-from quari.eval.report import format_value
+from quari.eval.report import compare, format_value
 from quari.fileio import atomic_write
 
-__all__ = ["HEADLINE_MODE", "METRIC_NAMES", "TRACKS", "TRACK_TITLES", "demo_table", "write_page"]
+__all__ = [
+    "HEADLINE_MODE",
+    "METRIC_NAMES",
+    "TRACKS",
+    "TRACK_TITLES",
+    "demo_table",
+    "gain_text",
+    "write_page",
+]
 
 TRACKS = ("t2i", "i2i")
 TRACK_TITLES = {
@@ -35,22 +43,21 @@ METRIC_NAMES = {"ap@100": "AP@100", "ndcg@100": "nDCG@100", "mrr": "MRR", "p@10"
 
 def demo_table(results: list[EvalResult]) -> list[dict[str, Any]]:
     """One row per track × method × mode: the metrics, ms per query and the relative gain of
-    the primary metric over plain cosine on the same track (None for cosine itself).
+    the primary metric over plain cosine on the same track (None for cosine itself), with
+    ``beyond_chance``: whether the 95 % paired-bootstrap interval of the difference excludes 0
+    (:func:`quari.eval.report.compare`; None for cosine).
 
     Example:
         >>> rows = demo_table(load_results("demo-out/eval/results.json"))  # doctest: +SKIP
         >>> rows[0]["track"], rows[0]["method"], rows[0]["metrics"]["ap@100"]  # doctest: +SKIP
         ('t2i', 'cosine', 0.1098)
     """
-    base = {
-        r.split: r.primary
-        for r in results
-        if r.method.get("kind") == "cosine" and r.mode == "plain"
-    }
+    base = {r.split: r for r in results if r.method.get("kind") == "cosine" and r.mode == "plain"}
     rows = []
     for r in results:
-        cosine = base.get(r.split)
+        cosine = base[r.split].primary if r.split in base else None
         is_base = r.method.get("kind") == "cosine"
+        beyond = None if is_base or not cosine else compare(r, base[r.split]).significant
         rows.append(
             {
                 "track": r.split.removesuffix("-test"),
@@ -62,13 +69,21 @@ def demo_table(results: list[EvalResult]) -> list[dict[str, Any]]:
                 "queries": r.queries,
                 "gallery": r.gallery_rows,
                 "gain": None if is_base or not cosine else r.primary / cosine - 1.0,
+                "beyond_chance": beyond,
             }
         )
     return rows
 
 
-def _gain(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:+.0f} %"
+def gain_text(row: dict[str, Any]) -> tuple[str, str]:
+    """A row's gain over cosine as shown ("+14 %") and its verdict: ``"up"`` / ``"down"``
+    beyond chance, ``"n.s."`` inside the interval, ``""`` for cosine itself."""
+    if row["gain"] is None:
+        return "", ""
+    text = f"{100 * row['gain']:+.0f} %"
+    if not row["beyond_chance"]:
+        return text, "n.s."
+    return text, "up" if row["gain"] > 0 else "down"
 
 
 def _table_html(rows: list[dict[str, Any]], track: str) -> str:
@@ -82,18 +97,21 @@ def _table_html(rows: list[dict[str, Any]], track: str) -> str:
             for m in metrics
         )
         gain = "" if r["gain"] is None else f' data-value="{r["gain"]:.6f}"'
-        cls = "up" if (r["gain"] or 0) > 0 else "down" if (r["gain"] or 0) < 0 else ""
+        text, verdict = gain_text(r)
+        cls = verdict if verdict != "n.s." else ""
+        text += " (n.s.)" if verdict == "n.s." else ""
         body.append(
             f'<tr data-track="{track}" data-method="{html.escape(r["method"])}" '
             f'data-mode="{r["mode"]}"><td>{html.escape(r["method"])}</td><td>{r["mode"]}</td>'
             f"{cells}<td>{r['ms_per_query']:.2f}</td>"
-            f'<td class="gain {cls}" data-metric="gain"{gain}>{_gain(r["gain"])}</td></tr>'
+            f'<td class="gain {cls}" data-metric="gain"{gain}>{text}</td></tr>'
         )
     first = next(r for r in rows if r["track"] == track)
     return (
         f'<h3>{html.escape(TRACK_TITLES[track])}</h3><p class="small">{first["queries"]} test '
         f"queries over {first['gallery']:,} gallery images. AP, nDCG, P and R ×100; MRR as a "
-        "fraction; ms = search time per query.</p>"
+        "fraction; ms = search time per query; n.s.: the difference from cosine is inside the "
+        "95 % interval of a paired bootstrap over the queries (not beyond chance).</p>"
         f'<table class="metrics" data-track="{track}"><thead><tr><th>method</th><th>mode</th>'
         f"{head}<th>ms / query</th><th>AP@100 vs cosine</th></tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>"
