@@ -257,6 +257,17 @@ def test_validation_verdict_compares_the_model_with_plain_cosine(val, base, star
     assert recall.startswith("Below the frozen backbone: validation recall@1 0.2000")
 
 
+def test_validation_verdict_says_whether_the_gain_is_beyond_chance():
+    m = {"val/mAP": 0.50, "baseline/mAP": 0.40}
+    clear = validation_verdict({**m, "gain_se/mAP": 0.02})  # ± 0.0392 around +0.1
+    assert "(+25.0 %; 95 % interval of the difference +0.0608 to +0.1392)" in clear
+    close = validation_verdict({**m, "gain_se/mAP": 0.06})  # ± 0.1176: holds 0
+    assert "within chance: 95 % interval of the difference -0.0176 to +0.2176" in close
+    assert close.startswith("Above the frozen backbone")  # the direction is still said
+    level = validation_verdict({"val/mAP": 0.4, "baseline/mAP": 0.4, "gain_se/mAP": 0.0})
+    assert "interval" not in level and "(+0.0 %)" in level
+
+
 def test_validation_verdict_needs_both_numbers():
     assert validation_verdict({}) is None
     assert validation_verdict({"val/mAP": 0.5}) is None

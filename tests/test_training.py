@@ -133,16 +133,22 @@ def test_validation_metrics_match_brute_force_ranks(gallery_size):
     got = validation_metrics(model, queries, gallery, target, batch_size=32)
     with torch.no_grad():
         adapted = model(queries).score(gallery)
+    per_query = {}
     for prefix, scores in (("val", adapted), ("baseline", queries @ gallery.T)):
         order = scores.argsort(dim=1, descending=True)
         rank = (order == target[:, None]).float().argmax(1).numpy()  # 0-based
         for k in (1, 5, 10):
             assert got[f"{prefix}/recall@{k}"] == pytest.approx((rank < k).mean())
-        mean_rr = np.where(rank < VAL_TOP_K, 1.0 / (rank + 1), 0.0).mean()
+        rr = np.where(rank < VAL_TOP_K, 1.0 / (rank + 1), 0.0)
         if prefix == "baseline":
             assert (rank >= VAL_TOP_K).any() == (gallery_size > VAL_TOP_K)
-        assert got[f"{prefix}/mAP"] == pytest.approx(mean_rr)
+        assert got[f"{prefix}/mAP"] == pytest.approx(rr.mean())
+        per_query[prefix] = {"mAP": rr, "recall@1": (rank < 1).astype(float)}
     assert got["val/mAP"] != pytest.approx(got["baseline/mAP"])
+    # the gain's standard error: of the per-query differences, over three batches of queries
+    for name in ("mAP", "recall@1"):
+        diff = per_query["val"][name] - per_query["baseline"][name]
+        assert got[f"gain_se/{name}"] == pytest.approx(diff.std(ddof=1) / np.sqrt(70))
 
 
 class Kill(Callback):

@@ -221,9 +221,11 @@ def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(
     assert "| decoder LayerNorm | no |" in card  # 2 steps: the size-aware default has none
     assert "relevance: same cluster" in card and "60 images" not in card
     assert "best val/mAP (AP@1000; relevance: same cluster)" in card
-    assert "| metric | this model | frozen backbone (cosine) |" in card
+    assert "| metric | this model | frozen backbone (cosine) | difference ± 95 % |" in card
     m = result.metrics
-    assert f"| mAP | {round(m['val/mAP'], 6)} | {round(m['baseline/mAP'], 6)} |" in card
+    val, base, se = (round(m[f"{k}/mAP"], 6) for k in ("val", "baseline", "gain_se"))
+    assert f"| mAP | {val} | {base} | {val - base:+.4f} ± {1.96 * se:.4f} |" in card
+    assert "gain_se" not in card  # the standard errors show as the intervals only
     assert f"**{validation_verdict(m)}**" in card
     model = load(cfg.out)
     assert model.metadata["metrics"]["baseline/mAP"] == pytest.approx(m["baseline/mAP"])

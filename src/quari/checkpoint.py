@@ -345,10 +345,12 @@ def validation_verdict(metrics: dict[str, Any], metric: str = "mAP") -> str | No
     """One sentence saying whether a trained model beat the frozen backbone on validation.
 
     Training records each validation metric twice, ``val/<name>`` for the model and
-    ``baseline/<name>`` for plain cosine on the same queries and gallery. A model that trained
-    without error can still rank worse than cosine (too little or too generic data, a recipe
-    that does not fit it); the model card and ``quari train`` say so in words instead of
-    leaving it to a table.
+    ``baseline/<name>`` for plain cosine on the same queries and gallery, and ``gain_se/<name>``,
+    the standard error of their per-query difference. A model that trained without error can
+    still rank worse than cosine (too little or too generic data, a recipe that does not fit
+    it); the model card and ``quari train`` say so in words instead of leaving it to a table,
+    and say when the difference is within chance (its 95 % interval, ± 1.96 standard errors,
+    holds 0).
 
     Args:
         metrics: Validation metrics as training records them.
@@ -365,8 +367,14 @@ def validation_verdict(metrics: dict[str, Any], metric: str = "mAP") -> str | No
     if not isinstance(val, (int, float)) or not isinstance(base, (int, float)):
         return None
     numbers = f"validation {metric} {val:.4f} against plain cosine's {base:.4f}"
-    if base > 0:
-        numbers += f" ({100 * (val - base) / base:+.1f} %)"
+    notes = [f"{100 * (val - base) / base:+.1f} %"] if base > 0 else []
+    se = metrics.get(f"gain_se/{metric}")
+    if isinstance(se, (int, float)) and val != base:
+        low, high = val - base - 1.96 * se, val - base + 1.96 * se
+        span = f"95 % interval of the difference {low:+.4f} to {high:+.4f}"
+        notes.append(span if low > 0 or high < 0 else f"within chance: {span}")
+    if notes:
+        numbers += f" ({'; '.join(notes)})"
     if val > base:
         return f"Above the frozen backbone: {numbers}."
     if val == base:
@@ -424,12 +432,18 @@ def _model_card(model: QuARIModel) -> str:
             lines += [f"**{verdict}**", ""]
         paired = sorted(k[4:] for k in metrics if k.startswith("val/"))
         if paired:
-            lines += ["| metric | this model | frozen backbone (cosine) |", "|---|---|---|"]
             lines += [
-                f"| {name} | {metrics[f'val/{name}']} | {metrics.get(f'baseline/{name}', '—')} |"
-                for name in paired
+                "| metric | this model | frozen backbone (cosine) | difference ± 95 % |",
+                "|---|---|---|---|",
             ]
-        others = sorted(k for k in metrics if not k.startswith(("val/", "baseline/")))
+            for name in paired:
+                val, base = metrics[f"val/{name}"], metrics.get(f"baseline/{name}")
+                se = metrics.get(f"gain_se/{name}")
+                diff = "—" if base is None else f"{val - base:+.4f}"
+                if base is not None and se is not None:
+                    diff += f" ± {1.96 * se:.4f}"
+                lines.append(f"| {name} | {val} | {'—' if base is None else base} | {diff} |")
+        others = sorted(k for k in metrics if not k.startswith(("val/", "baseline/", "gain_se/")))
         if others:
             lines += ["", "| metric | value |", "|---|---|"]
             lines += [f"| {k} | {metrics[k]} |" for k in others]

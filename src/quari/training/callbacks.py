@@ -169,7 +169,7 @@ class RunCheckpoints(Callback):
         metrics = {
             k: round(float(v), 6)
             for k, v in trainer.callback_metrics.items()
-            if k.startswith(("val/", "baseline/"))
+            if k.startswith(("val/", "baseline/", "gain_se/"))
         }
         saved = model.metadata
         model.metadata = {

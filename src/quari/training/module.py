@@ -238,12 +238,10 @@ class QuARITrainingModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self._val_stats:
             return
-        stats = torch.stack(self._val_stats).sum(0)  # (2, 1 + len(VAL_METRICS))
+        stats = torch.stack(self._val_stats).sum(0)  # (3, 1 + len(VAL_METRICS))
         if world()[0] > 1:
             dist.all_reduce(stats)
-        adapted, cosine = _means(stats[0]), _means(stats[1])
-        self.log_dict({f"val/{k}": v for k, v in adapted.items()}, sync_dist=False)
-        self.log_dict({f"baseline/{k}": v for k, v in cosine.items()}, sync_dist=False)
+        self.log_dict(_summary(stats), sync_dist=False)
 
 
 def _batch_stats(
@@ -253,35 +251,51 @@ def _batch_stats(
     keys: torch.Tensor,
     gallery_keys: torch.Tensor,
 ) -> torch.Tensor:
-    """(2, 1 + len(VAL_METRICS)) metric sums of one query batch: adapted, then plain cosine."""
+    """(3, 1 + len(VAL_METRICS)) sums over one query batch, each row [count, Σ per metric]:
+    the adapted scores' metrics, plain cosine's, and the squared per-query differences
+    (adapted − cosine) — sums, so batches and ranks reduce by addition."""
     # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
     with torch.autocast(queries.device.type, enabled=False):
         ad = model(queries.float())
         ad = Adaptation(
             ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
         )
-        adapted = _metric_sums(ad.score(gallery), keys, gallery_keys)
-        cosine = _metric_sums(queries.float() @ gallery.T, keys, gallery_keys)
-    return torch.stack([adapted, cosine])
+        adapted = _per_query(ad.score(gallery), keys, gallery_keys)
+        cosine = _per_query(queries.float() @ gallery.T, keys, gallery_keys)
+    rows = [adapted.sum(0), cosine.sum(0), ((adapted - cosine) ** 2).sum(0)]
+    sums = [[float(len(adapted)), *map(float, row)] for row in rows]
+    return torch.tensor(sums, dtype=torch.float64, device=queries.device)
 
 
-def _metric_sums(
-    scores: torch.Tensor, keys: torch.Tensor, gallery_keys: torch.Tensor
-) -> torch.Tensor:
-    """[count, Σ metric …] of (B, G) scores; gallery item j is relevant to query i when
-    ``gallery_keys[j] == keys[i]`` — sums, so batches and ranks reduce by addition."""
+def _per_query(scores: torch.Tensor, keys: torch.Tensor, gallery_keys: torch.Tensor) -> np.ndarray:
+    """(B, len(VAL_METRICS)) metrics of each query of (B, G) scores; gallery item j is relevant
+    to query i when ``gallery_keys[j] == keys[i]``."""
     ranked = torch.topk(scores, min(VAL_TOP_K, scores.shape[1]), dim=1).indices.cpu().numpy()
     keys_np, gallery_np = keys.cpu().numpy(), gallery_keys.cpu().numpy()
     rel = gallery_np[ranked] == keys_np[:, None]
     counts = np.bincount(gallery_np, minlength=int(max(gallery_np.max(), keys_np.max())) + 1)
     per_query = per_query_metrics(rel, counts[keys_np], VAL_METRICS.values())
-    sums = [float(len(keys_np))] + [float(v.sum()) for v in per_query.values()]
-    return torch.tensor(sums, dtype=torch.float64, device=scores.device)
+    return np.stack([np.asarray(v, dtype=np.float64) for v in per_query.values()], axis=1)
 
 
-def _means(sums: torch.Tensor) -> dict[str, float]:
-    n = max(1.0, float(sums[0]))
-    return {name: float(sums[1 + i]) / n for i, name in enumerate(VAL_METRICS)}
+def _summary(stats: torch.Tensor) -> dict[str, float]:
+    """``val/…`` and ``baseline/…`` means and ``gain_se/…`` from :func:`_batch_stats` sums.
+
+    ``gain_se/<metric>`` is the standard error of the mean per-query difference (model −
+    cosine, the same queries): the validation gain's ± 1.96·se is its 95 % interval by the
+    central limit theorem — what the model card and ``quari train`` use to say whether the gain
+    is beyond chance. A paired interval from sums, so that it reduces across ranks like the
+    means do (an exact bootstrap would need every query's value on one rank).
+    """
+    n = max(1.0, float(stats[0, 0]))
+    out = {}
+    for i, name in enumerate(VAL_METRICS):
+        adapted, cosine, squares = (float(stats[row, 1 + i]) for row in range(3))
+        out[f"val/{name}"], out[f"baseline/{name}"] = adapted / n, cosine / n
+        mean = (adapted - cosine) / n
+        var = max(0.0, squares - n * mean * mean) / max(1.0, n - 1)
+        out[f"gain_se/{name}"] = math.sqrt(var / n)
+    return out
 
 
 @torch.no_grad()
@@ -305,7 +319,8 @@ def validation_metrics(
         gallery_keys: (G,) the images' relevance keys (default: their rows).
 
     Returns:
-        ``val/…`` and ``baseline/…`` of every :data:`VAL_METRICS` name.
+        ``val/…`` and ``baseline/…`` of every :data:`VAL_METRICS` name, and ``gain_se/…``: the
+        standard error of the mean per-query difference between them.
 
     Example:
         >>> validation_metrics(model, queries, gallery, target)["val/mAP"]  # doctest: +SKIP
@@ -320,6 +335,4 @@ def validation_metrics(
         )
         for i in range(0, queries.shape[0], batch_size)
     )
-    out = {f"val/{k}": v for k, v in _means(stats[0]).items()}
-    out.update({f"baseline/{k}": v for k, v in _means(stats[1]).items()})
-    return out
+    return _summary(stats)
