@@ -10,16 +10,20 @@ scored by mAP@100 (``ap@100``, exhaustive ``scan`` mode) on both tracks — text
 * ``linear``: the static linear adapter (``quari train --adapter linear``);
 * ``default``: ``TrainConfig`` defaults (no recipe flags), as ``quari train`` runs them;
 * ``paper``: ``--preset paper`` (the paper's recipe) at the CPU size, same number of steps;
-* ablations of the default: ``no noise``, ``no semi-positives``, ``single step``
+* ablations of the default: ``decoded query`` (q′ from the query decoder, as the paper,
+  instead of the default's q′ = T q), ``no noise``, ``no semi-positives``, ``single step``
   (``num_steps=1``, also the steps-1 row), ``rank 32/64/128`` and ``steps 4/8`` (on a CPU
   the default itself is rank 16 with 2 steps).
 
 The headline rows (cosine, linear, default) run ``--seeds`` seeds (mean ± std); the others
 one. Every QuARI row trains for ``--max-steps`` steps (default: what the default recipe would
-run on this set), validation relevance by ``label`` (the sets' class column), export "best".
+run on this set), validation relevance by ``label`` (the sets' class column; the ``no
+relevance key`` row validates by each caption's own image), export "best".
 
 A run resumes: rows already in the JSON file from a run with the same track, split and step
-count (and, for headline rows, at least as many seeds) are kept, not re-run — so an
+count, with the same recipe (every training setting, stored with the row: a row whose
+default changed since is measured again) and, for headline rows, at least as many seeds, are
+kept, not re-run — so an
 interrupted run, or a later ``--rows`` run that adds rows, extends the same table and report
 (``--rerun`` measures the named rows again; ``--fresh`` starts over). The report is drawn
 from seed 0 of every row, kept beside it in ``results.json``.
@@ -46,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -71,6 +75,13 @@ ROWS: dict[str, dict | None] = {
     "no noise": {"noise_scale": 0.0},
     "no semi-positives": {"semipos": False},
     "single step": {"num_steps": 1},  # also the "steps 1" row
+    # The paper's and the reference code's q′ from the query decoder (the default until
+    # 2026-11-30) instead of the default's q′ = T q.
+    "decoded query": {"map_query": False},
+    # Validation (and the "best" export) by each caption's own image — the instance level the
+    # image→image track asks at — instead of by class; without a relevance key the default
+    # also keeps same-class images as negatives.
+    "no relevance key": {"relevance_key": None},
     # The paper's recipe (paper variant, lr 1e-5, the paper's noise) at the CPU size: at its own
     # size (batch 320, H 512, r 64) one CPU step needs ~33 GB and minutes (bench_train.json).
     "paper": {
@@ -114,32 +125,45 @@ def evaluate(track: Path, split: str, model, row: str) -> dict[str, EvalResult]:
     return out
 
 
+def row_config(
+    track: Path, row: str, seed: int, out: Path, max_steps: int | None
+) -> TrainConfig | LinearTrainConfig | None:
+    """The training run behind ``row`` at ``seed`` (None: cosine, nothing to train)."""
+    source = (TrainSource(track / "train"),)
+    if row == "cosine":
+        return None
+    if row == "linear":
+        return LinearTrainConfig(train=source, out=out, image_key="item", seed=seed, progress=False)
+    changes = {"relevance_key": ("label",), **ROWS[row]}
+    return TrainConfig(
+        train=source, out=out, image_key="item", seed=seed, max_steps=max_steps, progress=False,
+        **changes,
+    )  # fmt: skip
+
+
+def recipe(track: Path, row: str, max_steps: int | None) -> dict | None:
+    """Every setting of ``row``'s training run except paths and seed, as JSON would store it:
+    a kept row whose recipe differs (a default changed since) is measured again."""
+    cfg = row_config(track, row, 0, Path("out"), max_steps)
+    if cfg is None:
+        return None
+    data = cfg.to_dict() if isinstance(cfg, TrainConfig) else asdict(cfg)
+    for name in ("train", "out", "seed", "progress"):
+        data.pop(name, None)
+    return json.loads(json.dumps(data, default=str))
+
+
 def run_row(
     track: Path, row: str, seed: int, split: str, work: Path, max_steps: int | None
 ) -> tuple[dict, dict[str, EvalResult]]:
     """One row at one seed: ({"t2i", "i2i", "train_s", "steps"}, the two EvalResults)."""
-    source = (TrainSource(track / "train"),)
     out = work / f"{row.replace(' ', '-')}-{seed}"
     started = time.perf_counter()
-    if row == "cosine":
+    cfg = row_config(track, row, seed, out, max_steps)
+    if cfg is None:
         results = evaluate(track, split, None, row)
         return {**_scores(results), "train_s": 0.0, "steps": 0}, results
-    if row == "linear":
-        cfg = LinearTrainConfig(train=source, out=out, image_key="item", seed=seed, progress=False)
-        result = train_linear(cfg)
-        steps = result.steps
-    else:
-        cfg = TrainConfig(
-            train=source,
-            out=out,
-            image_key="item",
-            relevance_key=("label",),
-            seed=seed,
-            max_steps=max_steps,
-            progress=False,
-            **ROWS[row],
-        )
-        steps = train(cfg).steps
+    steps = train_linear(cfg).steps if isinstance(cfg, LinearTrainConfig) else train(cfg).steps
     seconds = time.perf_counter() - started
     results = evaluate(track, split, load_model(out), row)
     return {**_scores(results), "train_s": round(seconds, 1), "steps": steps}, results
@@ -231,13 +255,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="quari-quality-") as tmp:
         for row in rows:
             want = args.seeds if row in HEADLINE else 1
-            if row in results and results[row]["seeds"] >= want and not args.rerun:
-                print(f"{row:<18} kept from {path.name} ({results[row]['seeds']} seed(s))")
-                continue
+            wanted_recipe = recipe(args.track, row, args.max_steps)
+            kept = results.get(row)
+            if kept and kept["seeds"] >= want and not args.rerun:
+                if kept.get("recipe") == wanted_recipe:
+                    print(f"{row:<18} kept from {path.name} ({kept['seeds']} seed(s))")
+                    continue
+                print(f"{row:<18} measured again: its recipe differs from the kept row's")
             runs = [run_row(args.track, row, s, args.split, Path(tmp), args.max_steps)
                     for s in range(want)]  # fmt: skip
             results[row] = {
                 **summarise([scores for scores, _ in runs]),
+                "recipe": wanted_recipe,
                 "measured": time.strftime("%Y-%m-%d %H:%M"),
                 "threads": args.threads,
                 "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -77,6 +77,30 @@ def test_query_residual_weight_one_returns_the_query():
         assert torch.allclose(model(q).refined_query, q, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_map_query_sends_the_query_through_its_own_map(variant):
+    """map_query: q′ = T q / ‖T q‖ with the T the model predicts (checked against the dense T),
+    so cos(q′, T d) = cos(T q, T d); there is no query decoder; save and load keep the mode."""
+    model = _model(variant, map_query=True)
+    assert model.query_decoder is None
+    q = torch.nn.functional.normalize(torch.randn(4, 24), dim=-1)
+    d = torch.nn.functional.normalize(torch.randn(9, 24), dim=-1)
+    with torch.inference_mode():
+        ad = model(q)
+    T = ad.dense()  # (B, E, E)
+    tq = torch.einsum("bef,bf->be", T, q)
+    torch.testing.assert_close(ad.refined_query, torch.nn.functional.normalize(tq, dim=-1))
+    td = torch.einsum("bef,nf->bne", T, d)
+    expected = torch.nn.functional.cosine_similarity(tq[:, None], td, dim=-1)
+    torch.testing.assert_close(ad.score(d), expected, atol=1e-5, rtol=0)
+    # the decoded q′ of the same weights is a different vector (the mode matters)
+    decoded = QuARIModel(tiny_config(variant))
+    decoded.load_state_dict(model.state_dict(), strict=False)
+    with torch.inference_mode():
+        assert not torch.allclose(decoded.eval()(q).refined_query, ad.refined_query, atol=1e-3)
+    assert HyperNetConfig.from_dict(model.config.to_dict()).map_query is True
+
+
 def test_token_dropout_only_while_training():
     model = _model("reference")
     q = torch.randn(2, 24)
@@ -154,6 +178,7 @@ def test_bad_configs(fields, match):
 
 def test_config_round_trip_and_variant_defaults():
     cfg = tiny_config("reference")
+    assert cfg.map_query is False  # the paper's and the reference code's decoded q′
     assert (cfg.anchor_scale, cfg.query_residual_weight, cfg.token_dropout) == (0.8, 0.5, 0.05)
     assert HyperNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(QuARIInputError, match=r"unknown HyperNetConfig field\(s\) \['colour'\]"):

@@ -50,6 +50,23 @@ def test_identity_init_is_exactly_the_frozen_backbone_and_still_learns():
     assert model.v_decoder[-1].weight.grad.abs().sum() == 0  # ∂/∂V ∝ U = 0 at the start
 
 
+def test_mapped_query_starts_at_the_frozen_backbone_and_learns_the_map():
+    """The default recipe's q′ = T q: at the identity start T = I, so q′ = q (whatever λ), and
+    the loss reaches U through both the query and the items."""
+    torch.manual_seed(0)
+    model = QuARIModel(identity_config(anchor_scale=1.0, map_query=True, query_residual_weight=0))
+    q = torch.nn.functional.normalize(torch.randn(6, 24), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(40, 24), dim=1)
+    ad = model(q)
+    torch.testing.assert_close(ad.refined_query, q, atol=1e-7, rtol=0)
+    torch.testing.assert_close(ad.score(d), q @ d.T, atol=1e-6, rtol=0)
+    quari_loss(model(q), d[:6]).loss.backward()
+    assert model.u_decoder[-1].weight.grad.abs().sum() > 0
+    cfg = TrainConfig(train=(TrainSource(Path("s")),), out=Path("o"), accelerator="cpu")
+    assert cfg.map_query and cfg.model_config(24).map_query
+    assert not TrainConfig(train=cfg.train, out=cfg.out, preset="paper").map_query
+
+
 def test_decoder_norm_keeps_the_start_at_cosine_and_the_factors_small():
     """At 4 refinement steps the reference form's state is several times larger than at 2, and
     so were V's entries; with the decoder LayerNorm the identity start is still exactly cosine

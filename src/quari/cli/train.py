@@ -85,6 +85,14 @@ def train_command(
     init: Annotated[
         str | None, typer.Option(help="Initialisation: identity or default (default: preset's).")
     ] = None,
+    map_query: Annotated[
+        bool | None,
+        typer.Option(
+            "--map-query/--decoded-query",
+            help="q′ = T q, the query mapped like the items (default recipe), or q′ from the "
+            "query decoder (paper, reference; default: preset's).",
+        ),
+    ] = None,
     rank: Annotated[int | None, typer.Option(help="Rank r of the map (default: preset's).")] = None,
     hidden_dim: Annotated[int | None, typer.Option(help="Transformer width H.")] = None,
     layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
@@ -213,6 +221,7 @@ def train_command(
         preset=preset,
         variant=variant,
         init=init,
+        map_query=map_query,
         rank=rank,
         hidden_dim=hidden_dim,
         num_layers=layers,

@@ -75,6 +75,13 @@ class HyperNetConfig:
             state grows about 2× per refinement step (each step adds the transformer's output,
             itself a residual stream, to the state), so without it the factors' scale — and
             how far one optimiser step moves T — grows with the number of steps.
+        map_query: q′ = normalize(T q) instead of the query decoder's output: the query goes
+            through the map the model predicts from it, so the score cos(T q, T d) compares
+            query and item in one query-specific space — a per-query version of the static
+            linear adapter's cos(W q, W d). No query decoder is built (``query_residual_weight``
+            is unused). A quari extension, not in the paper or the reference code: a model
+            trained on captions then moves image queries with the items instead of towards a
+            caption-shaped q′ (docs/method.md §5.5).
 
     Example:
         >>> cfg = HyperNetConfig(embedding_dim=768)
@@ -96,6 +103,7 @@ class HyperNetConfig:
     normalize_factors: bool = True
     init: Init = "default"
     decoder_norm: bool | None = None
+    map_query: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANT_DEFAULTS:
@@ -138,13 +146,14 @@ class HyperNetConfig:
         for name, value in _VARIANT_DEFAULTS[self.variant].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
-        if not isinstance(self.decoder_norm, bool):
-            raise QuARIInputError(f"decoder_norm must be true or false, got {self.decoder_norm!r}")
+        for name in ("decoder_norm", "map_query"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuARIInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("dropout", "token_dropout", "query_residual_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
                 raise QuARIInputError(f"{name} must lie in [0, 1), got {value}")
-        if self.init == "identity" and not self.query_residual_weight > 0:
+        if self.init == "identity" and not self.map_query and not self.query_residual_weight > 0:
             raise QuARIInputError(
                 "init='identity' needs query_residual_weight > 0 (q′ = normalize((1−λ)·0 + λq) "
                 "= q at the start; with λ = 0 the zero decoder gives no query)"

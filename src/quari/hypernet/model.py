@@ -142,7 +142,10 @@ class QuARIModel(nn.Module):
         self.transformer = nn.TransformerEncoder(
             layer, config.num_layers, enable_nested_tensor=False
         )
-        self.query_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+        # With map_query, q′ = normalize(T q): there is no query decoder to build.
+        self.query_decoder = (
+            None if config.map_query else _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+        )
         # u: output-side columns of T, v: input-side columns (T d = U Vᵀ d).
         self.u_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
         self.v_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
@@ -150,6 +153,8 @@ class QuARIModel(nn.Module):
             # Start exactly at the frozen backbone: MLP_q(ctx) = 0 gives q′ = normalize(λq) = q,
             # U = 0 gives T = I. V keeps its random init so that ∂L/∂U = α·(…)·V ≠ 0.
             for decoder in (self.query_decoder, self.u_decoder):
+                if decoder is None:
+                    continue
                 nn.init.zeros_(decoder[-1].weight)
                 nn.init.zeros_(decoder[-1].bias)
             if config.decoder_norm:
@@ -387,18 +392,22 @@ class QuARIModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q′, U, V) from the final control token and token banks."""
         cfg = self.config
-        lam = cfg.query_residual_weight
-        refined = self.query_decoder(ctx)
-        if lam:
-            refined = (1.0 - lam) * refined + lam * q
-        refined = F.normalize(refined, dim=-1)
         U = self.u_decoder(u).transpose(1, 2)  # (B, E, r)
         V = self.v_decoder(v).transpose(1, 2)
         if cfg.variant == "reference" and cfg.normalize_factors:
             # Same epsilon as the reference implementation, so released weights match exactly.
             U = U / (torch.linalg.matrix_norm(U)[:, None, None] + 1e-8)
             V = V / (torch.linalg.matrix_norm(V)[:, None, None] + 1e-8)
-        return refined, U, V
+        if cfg.map_query:
+            refined = (U @ (V.transpose(1, 2) @ q[..., None]))[..., 0]  # U Vᵀ q
+            if cfg.variant == "reference":
+                refined = q + cfg.anchor_scale * refined  # (I + α U Vᵀ) q
+        else:
+            lam = cfg.query_residual_weight
+            refined = self.query_decoder(ctx)
+            if lam:
+                refined = (1.0 - lam) * refined + lam * q
+        return F.normalize(refined, dim=-1), U, V
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def enable_cuda_graphs(

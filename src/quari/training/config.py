@@ -3,7 +3,8 @@
 ``preset="default"``: quari's own recipe, the one measured to beat the frozen backbone
 (``docs/results.md``, quality section). The model starts *exactly* at the frozen backbone
 (``HyperNetConfig(variant="reference", normalize_factors=False, init="identity")``: q′ = q,
-T = I + α U Vᵀ with U = 0), the query noise is relative to the unit query (‖noise‖ ≈ σ·s
+T = I + α U Vᵀ with U = 0), the query is mapped like the items (q′ = normalize(T q), so the
+score is cos(T q, T d)), the query noise is relative to the unit query (‖noise‖ ≈ σ·s
 instead of σ·s·√E), AdamW with linear warm-up and a cosine decay, no token dropout (training
 then folds the V bank: half the cost), and — with a ``relevance_key`` — in-batch images sharing
 a caption's key are not treated as its negatives. Its size follows the device: on a CPU a
@@ -58,6 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "init": "identity",
         "normalize_factors": False,
         "anchor_scale": 1.0,
+        "map_query": True,
         "token_dropout": 0.0,
         "image_queries": 0.0,
         "relevance_negatives": True,
@@ -72,6 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_lr": 2e-7,
         "variant": "paper",
         "init": "default",
+        "map_query": False,
         "normalize_factors": True,
         "image_queries": 0.0,
         "relevance_negatives": False,
@@ -86,6 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "min_lr": 2e-7,
         "variant": "reference",
         "init": "default",
+        "map_query": False,
         "normalize_factors": True,
         "image_queries": 0.0,
         "relevance_negatives": False,
@@ -194,6 +198,8 @@ class TrainConfig:
             :class:`~quari.hypernet.HyperNetConfig`).
         anchor_scale: α in T = I + α U Vᵀ (reference variant; None: the variant's 0.8).
         query_residual_weight: λ in q′ = normalize((1−λ)·MLP(ctx) + λ·q) (None: the variant's).
+        map_query: q′ = normalize(T q), the query mapped like the items (default recipe), instead
+            of a decoded q′ (paper and reference presets; :class:`~quari.hypernet.HyperNetConfig`).
         token_dropout: Zeroing probability of U/V tokens while training (None: the variant's;
             0 in the default recipe, where the reference variant then trains with the folded
             V bank at half the cost).
@@ -267,6 +273,7 @@ class TrainConfig:
     decoder_norm: bool | None = None
     anchor_scale: float | None = None
     query_residual_weight: float | None = None
+    map_query: bool | None = None
     token_dropout: float | None = None
     rank: int | None = None
     hidden_dim: int | None = None
@@ -401,6 +408,7 @@ class TrainConfig:
             normalize_factors=self.normalize_factors,
             init=self.init,
             decoder_norm=self.decoder_norm,
+            map_query=self.map_query,
         )
 
     def with_(self, **changes: Any) -> TrainConfig:
