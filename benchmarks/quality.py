@@ -36,7 +36,8 @@ Usage::
     python benchmarks/quality.py --track /tmp/tracks-small --rows "rank 64" --rerun
 
 Writes ``benchmarks/results/quality_<track folder name>.json`` (or ``--json``) and, from seed 0
-of every row, ``quari eval report``'s markdown and plots (``--report``; per track: mAP per
+of every row, ``quari eval report``'s markdown and plots into ``<json name>_report/`` beside
+it (or ``--report``; per track: mAP per
 method, mAP against search time, the rank and steps sweeps), and prints a table. The machine
 is shared: wall times are indicative only.
 """
@@ -218,7 +219,7 @@ def main() -> None:
         type=Path,
         default=None,
         help="folder for `quari eval report`'s markdown and plots of seed 0 of every row "
-        "(default: benchmarks/results/quality_<track>_report)",
+        "(default: beside the JSON, <json name>_report)",
     )
     parser.add_argument("--rerun", action="store_true", help="measure the named rows again")
     parser.add_argument("--fresh", action="store_true", help="drop every kept row first")
@@ -230,7 +231,8 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; rows: {', '.join(ROWS)}")
     track_info = json.loads((args.track / "track.json").read_text())
     path = args.json or RESULTS / f"quality_{args.track.name}.json"
-    report = args.report or RESULTS / f"quality_{args.track.name}_report"
+    # The report sits beside its JSON, so that runs with their own --json keep their own plots.
+    report = args.report or path.with_name(f"{path.stem}_report")
     settings = {"split": args.split, "max_steps": args.max_steps, "sizes": track_info.get("sizes")}
     results, evaluated = ({}, []) if args.fresh else previous_run(path, report, settings)
 

@@ -234,6 +234,7 @@ def test_the_model_card_records_recipe_data_and_validation_against_the_baseline(
     assert "preset default" in card and "query noise relative" in card
     assert "negatives: in-batch images of another cluster" in card
     assert "initialisation | the frozen backbone (q′ = q, T = I)" in card
+    assert "adapted query | q′ = normalize(T q)" in card  # the default maps the query
     assert "T = I + 1·U Vᵀ (rank 4)" in card
     assert "| decoder LayerNorm | no |" in card  # 2 steps: the size-aware default has none
     assert "relevance: same cluster" in card and "60 images" not in card

@@ -395,6 +395,11 @@ def _model_card(model: QuARIModel) -> str:
     else:
         form = f"T = I + {cfg.anchor_scale:.3g}·U Vᵀ (rank {cfg.rank})"
     start = {"identity": "the frozen backbone (q′ = q, T = I)", "default": "random"}
+    if cfg.map_query:
+        query = "q′ = normalize(T q): the query mapped like the items"
+    else:
+        lam = cfg.query_residual_weight
+        query = f"q′ = normalize({1 - lam:g}·MLP(ctx) + {lam:g}·q)" if lam else "q′ = MLP(ctx)"
     lines = [
         "---",
         "library_name: quari",
@@ -411,6 +416,7 @@ def _model_card(model: QuARIModel) -> str:
         f"| encoder | {meta.get('encoder', 'unknown')} |",
         f"| embedding dim | {cfg.embedding_dim} |",
         f"| variant | {cfg.variant}: {form} |",
+        f"| adapted query | {query} |",
         f"| initialisation | {start.get(cfg.init, cfg.init)} |",
         f"| hidden dim / layers / heads / steps | {cfg.hidden_dim} / {cfg.num_layers} / "
         f"{cfg.num_heads} / {cfg.num_steps} |",

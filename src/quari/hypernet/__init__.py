@@ -20,6 +20,9 @@ q′ = normalize((1−λ) MLP(ctx) + λq), a sinusoidal step code through an MLP
 pe[0:r] on both banks, and 5 % token dropout while training. Load such checkpoints with
 :func:`quari.checkpoint.load_reference`. At inference its V bank equals its U bank at every
 step, so the pass folds it away (``docs/method.md`` §3.5).
+
+Either variant can map the query instead of decoding it (``map_query``: q′ = normalize(T q),
+so the score is cos(T q, T d); quari's default training recipe, ``docs/method.md`` §5.5).
 """
 
 from quari.hypernet.config import SIZE_CEILINGS, HyperNetConfig
