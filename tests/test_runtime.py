@@ -105,6 +105,30 @@ def test_onnx_runtime_reproduces_the_golden_fixture_and_caches_its_export(
     assert build_runtime(other, "onnx", cache=onnx_cache).path != first.path
 
 
+@pytest.mark.parametrize("name", ["bf16", "int8", "onnx"])
+def test_runtimes_keep_the_mapped_query(name, tmp_path):
+    """A map_query model (the default recipe's) under each runtime: q′ is still normalize(T q)
+    of the T that runtime predicts, and close to the eager pass's."""
+    if name == "onnx":
+        pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    torch.manual_seed(0)
+    cfg = tiny_config("reference", normalize_factors=False, anchor_scale=1.0, map_query=True)
+    model = QuARIModel(cfg).eval()
+    q = torch.nn.functional.normalize(torch.randn(5, 24), dim=-1)
+    with torch.inference_mode():
+        want = model(q)
+        model.set_runtime(name, **({"cache": tmp_path} if name == "onnx" else {}))
+        got = model(q)
+    tq = torch.einsum("bef,bf->be", got.dense(), q)
+    torch.testing.assert_close(
+        got.refined_query, torch.nn.functional.normalize(tq, dim=-1), atol=1e-5, rtol=0
+    )
+    # A random model's T is far from I (a trained one's stays near it), so the reduced-precision
+    # errors here run ~1.5× the fixture's stated ones (measured 5.4e-3 bf16, 2.2e-2 int8).
+    tolerance = 1e-5 if name == "onnx" else 2 * REDUCED_TOLERANCE[name]
+    torch.testing.assert_close(got.refined_query, want.refined_query, atol=tolerance, rtol=0)
+
+
 def test_onnx_runtime_names_its_extra_when_missing(fixture_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(MissingDependencyError, match=r"pip install 'quari\[onnx\]'"):
