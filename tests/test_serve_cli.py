@@ -80,7 +80,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
             assert c.get("/healthz").json() == {"status": "ok"}
             assert c.get("/readyz").status_code == 200
             runtime = c.get("/info").json()["runtime"]
-            assert runtime in ("eager", "onnx"), runtime
+            # one name, or "small+large" when the winners differ by batch size
+            assert set(runtime.split("+")) <= {"eager", "onnx"}, runtime
             assert f"runtime {runtime}" in " ".join(server.output.split())  # and says so
             vector = served.eset.gather([5]).astype(np.float32)[0].tolist()
             r = c.post("/search", json={"embedding": vector, "k": 3})
