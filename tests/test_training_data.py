@@ -56,6 +56,7 @@ def test_presets_fill_unset_fields_only(tmp_path):
     assert (default.hidden_dim, default.num_layers, default.rank, default.batch_size) == (
         128, 2, 16, 128,
     )  # fmt: skip
+    assert default.num_steps == 1  # the CPU size: one refinement step (docs/method.md §5.5)
     assert (default.token_dropout, default.relevance_negatives, default.image_queries) == (
         0.0, True, 0.0,
     )  # fmt: skip
