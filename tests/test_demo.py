@@ -248,7 +248,7 @@ def test_training_takes_the_default_recipe(tmp_path, monkeypatch):
     got = quari_config(config, tmp_path / "train", tmp_path / "model")
     plain = TrainConfig(train=(TrainSource(tmp_path / "train"),), out=tmp_path / "model")
     differ = {k for k, v in got.to_dict().items() if plain.to_dict()[k] != v}
-    assert differ == {"image_key", "relevance_key", "max_steps", "seed", "progress"}
+    assert differ == {"image_key", "max_steps", "seed", "progress"}
     assert (got.image_key, got.max_steps, got.seed) == (IMAGE_KEY, 7, 3)
     # experiments may still override fields explicitly
     tuned = quari_config(DemoConfig(out=tmp_path, train_options={"lr": 0.01}), tmp_path, tmp_path)
