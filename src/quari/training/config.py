@@ -38,16 +38,15 @@ from quari.validation import QuARIInputError, check_fields
 __all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "default_lr", "device_kind"]
 
 #: Model and batch sizes: the paper's (H 512, 4 layers, 4 steps, r 64, batch 320) and the small
-#: model that trains in minutes on a laptop-class CPU.
+#: model that trains in minutes on a laptop-class CPU. The small one runs a single refinement
+#: step: on the tracks' validation splits it scored level with two (docs/method.md §5.5) at
+#: 0.6-0.7x the training time, and a query runs the transformer once instead of twice.
 SHAPES: dict[str, dict[str, int]] = {
     "paper": {"rank": 64, "hidden_dim": 512, "num_layers": 4, "num_heads": 8, "num_steps": 4,
               "batch_size": 320},
     "cpu": {"rank": 16, "hidden_dim": 128, "num_layers": 2, "num_heads": 4, "num_steps": 1,
             "batch_size": 128},
 }  # fmt: skip
-# The CPU size runs one refinement step: on the tracks' validation splits (three seeds) it
-# scored level with two steps (docs/method.md §5.5) at 0.6-0.7x the training time, and a
-# query runs the transformer once instead of twice.
 
 #: What each preset sets (fields left None). ``shape`` names a :data:`SHAPES` entry, or
 #: ``"device"``: ``"cpu"`` on a CPU, ``"paper"`` on a GPU.
