@@ -1,5 +1,5 @@
-"""Query adapters: the cosine baseline and the linear adapter (exact factored form of
-cos(Wq, Wd), folders, load_model, every retrieval mode)."""
+"""Query adapters: the cosine baseline and the linear adapter, full and low-rank (exact factored
+form of cos(Wq, Wd), folders, load_model, every retrieval mode)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quari.adapters import CosineAdapter, LinearAdapter, QueryAdapter
 from quari.checkpoint import load_model
-from quari.errors import CheckpointError
+from quari.errors import CheckpointError, QuARIInputError
 from quari.index import CandidateIndex
 from quari.retriever import MODES, Retriever
 
@@ -19,8 +20,8 @@ from helpers import assert_close, make_set
 
 
 def brute_force(adapter: LinearAdapter, q, d) -> np.ndarray:
-    """The oracle: cos(Wq, Wd) in float64 from the dense weight."""
-    W = adapter.weight.detach().double()
+    """The oracle: cos(Wq, Wd) in float64 from the dense map."""
+    W = adapter.matrix().detach().double()
     zq = torch.nn.functional.normalize(torch.as_tensor(q).double() @ W.T, dim=-1)
     zd = torch.nn.functional.normalize(torch.as_tensor(d).double() @ W.T, dim=-1)
     return (zq @ zd.T).numpy()
@@ -84,7 +85,7 @@ def test_save_load_and_load_model(tmp_path):
     assert torch.equal(loaded.weight, adapter.weight)
     config["config"]["out_dim"] = 9
     (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"shape \(8, 24\)"):
+    with pytest.raises(CheckpointError, match=r"holds \{'weight': \(8, 24\)\}.*\(9, 24\)"):
         load_model(tmp_path / "lin")
     config["config"].update(out_dim=8, bias=True)
     (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
@@ -96,10 +97,71 @@ def test_save_load_and_load_model(tmp_path):
         load_model(tmp_path / "lin")
 
 
-def test_every_retrieval_mode_ranks_by_the_linear_map(tmp_path):
+def perturbed_low_rank(E=24, rank=3, seed=0) -> LinearAdapter:
+    torch.manual_seed(seed)
+    adapter = LinearAdapter(E, rank=rank, metadata={"encoder": "test-encoder"})
+    with torch.no_grad():
+        adapter.left.normal_(0.0, 0.5)  # away from the identity start
+    return adapter
+
+
+def test_low_rank_adapter_starts_at_cosine_and_scores_cos_wq_wd_exactly():
+    adapter = LinearAdapter(24, rank=3)
+    q, d = torch.randn(3, 24), torch.randn(60, 24)
+    assert_close(adapter(q).score(d).numpy(), CosineAdapter(24)(q).score(d).numpy(), 1e-6)
+    adapter = perturbed_low_rank()
+    W = adapter.matrix().detach()
+    assert torch.linalg.matrix_rank(W - torch.eye(24)) == 3
+    ad = adapter(q)
+    assert (ad.rank, ad.variant, ad.anchor_scale) == (3, "reference", 1.0)
+    oracle = brute_force(adapter, q, d)
+    assert not np.allclose(oracle, brute_force(LinearAdapter(24, 24), q, d), atol=1e-2)
+    assert_close(ad.score(d).numpy(), oracle, 2e-5)
+    assert_close(adapter.project(q).detach().numpy(), F.normalize(q @ W.T, dim=-1).numpy(), 1e-5)
+    top = ad.scan([(0, d[:25]), (25, d[25:])], 5)
+    want = np.argsort(-oracle, axis=1, kind="stable")[:, :5]
+    assert top.ids.numpy().tolist() == want.tolist()
+
+
+def test_low_rank_adapter_rejects_bad_shapes():
+    with pytest.raises(QuARIInputError, match="rank must be in 1 … 8"):
+        LinearAdapter(8, rank=9)
+    with pytest.raises(QuARIInputError, match="maps E → E"):
+        LinearAdapter(8, 4, rank=2)
+
+
+def test_low_rank_save_load(tmp_path):
+    adapter = perturbed_low_rank()
+    adapter.save(tmp_path / "low")
+    config = json.loads((tmp_path / "low" / "config.json").read_text())
+    assert config["format_version"] == 2 and config["config"]["rank"] == 3
+    assert "rank 3" in (tmp_path / "low" / "README.md").read_text()
+    loaded = load_model(tmp_path / "low")
+    assert isinstance(loaded, LinearAdapter) and loaded.rank == 3 and not loaded.training
+    assert torch.equal(loaded.left, adapter.left) and torch.equal(loaded.right, adapter.right)
+    q, d = torch.randn(2, 24), torch.randn(10, 24)
+    assert torch.equal(loaded(q).score(d), adapter(q).score(d))
+    # a full adapter keeps format version 1, which older quari versions read
+    LinearAdapter(24, 8).save(tmp_path / "full")
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["format_version"] == 1
+    config["config"]["rank"] = 4
+    (tmp_path / "low" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"rank 4.*'left': \(24, 4\)"):
+        load_model(tmp_path / "low")
+    config["config"]["rank"] = 30
+    (tmp_path / "low" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="rank must be in 1 … 24"):
+        load_model(tmp_path / "low")
+
+
+@pytest.mark.parametrize("form", ["full", "low-rank"])
+def test_every_retrieval_mode_ranks_by_the_linear_map(tmp_path, form):
     eset, stored, _ = make_set(tmp_path / "set", shards=(120, 80))
     torch.manual_seed(2)
-    adapter = LinearAdapter(24, 12, {"encoder": "test-encoder"})
+    if form == "full":
+        adapter = LinearAdapter(24, 12, {"encoder": "test-encoder"})
+    else:
+        adapter = perturbed_low_rank(seed=2)
     q = np.random.default_rng(5).standard_normal((4, 24)).astype(np.float32)
     oracle = brute_force(adapter, q, stored.astype(np.float32))
     want = np.argsort(-oracle, axis=1, kind="stable")[:, :5]

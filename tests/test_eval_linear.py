@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from quari.adapters import LinearAdapter
 from quari.checkpoint import load_model
+from quari.errors import QuARIInputError
 from quari.eval.linear import LinearTrainConfig, contrastive_loss, train_linear
 from quari.store import EmbeddingSet
 from quari.training.config import TrainSource
@@ -65,17 +66,20 @@ def test_contrastive_loss_matches_a_direct_computation_and_masks_same_image():
     assert torch.allclose(contrastive_loss(q, d, groups, temperature=0.1), want)
 
 
-def test_training_learns_a_planted_distortion(tmp_path):
+def planted_run(tmp_path, out: str, **changes) -> LinearTrainConfig:
+    """A run on :func:`distorted_pairs` (made here) with a quarter of the images held out."""
     distorted_pairs(tmp_path / "set")
-    config = LinearTrainConfig(
+    settings = dict(image_key="image_id", val_fraction=0.25, epochs=6, batch_size=32)
+    return LinearTrainConfig(
         train=(TrainSource(tmp_path / "set"),),
-        out=tmp_path / "lin",
-        image_key="image_id",
-        val_fraction=0.25,
-        epochs=6,
-        batch_size=32,
+        out=tmp_path / out,
         progress=False,
+        **{**settings, **changes},
     )
+
+
+def test_training_learns_a_planted_distortion(tmp_path):
+    config = planted_run(tmp_path, "lin")
     result = train_linear(config)
     m = result.metrics
     assert m["val/mAP"] > m["baseline/mAP"] + 0.1, m  # cosine ≈ 0.75, the map ≈ 0.98
@@ -93,6 +97,21 @@ def test_training_learns_a_planted_distortion(tmp_path):
     assert again.steps == result.steps
 
 
+def test_low_rank_training_learns_the_planted_distortion(tmp_path):
+    # the distortion lives in 8 fixed dimensions: a rank-8 correction of the identity suffices;
+    # starting at the identity (L = 0) it needs more steps than the full map
+    config = planted_run(tmp_path, "low", rank=8, epochs=30)
+    m = train_linear(config).metrics
+    assert m["val/mAP"] > m["baseline/mAP"] + 0.1, m
+    adapter = load_model(tmp_path / "low")
+    assert adapter.rank == 8 and adapter.out_dim == 24
+    assert "rank 8" in adapter.metadata["training"]
+    with pytest.raises(QuARIInputError, match="exceeds the embedding dimension 24"):
+        train_linear(LinearTrainConfig(**{**vars(config), "rank": 25}))
+    with pytest.raises(QuARIInputError, match="exclude each other"):
+        LinearTrainConfig(**{**vars(config), "out_dim": 12})
+
+
 def test_cli_train_adapter_linear(tmp_path):
     from quari.cli import app
 
@@ -103,5 +122,8 @@ def test_cli_train_adapter_linear(tmp_path):
     assert out.exit_code == 0, out.output
     assert "trained a linear adapter for 5 steps" in out.output and "cosine" in out.output
     assert load_model(tmp_path / "lin").out_dim == 8
+    out = runner.invoke(app, [*args, "--adapter", "linear", "--max-steps", "5", "--rank", "4"])
+    assert out.exit_code == 0, out.output
+    assert load_model(tmp_path / "lin").rank == 4
     out = runner.invoke(app, [*args, "--adapter", "ridge"])
     assert out.exit_code == 2 and "--adapter must be quari or linear" in out.output

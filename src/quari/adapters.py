@@ -39,7 +39,9 @@ __all__ = ["LINEAR_FORMAT", "CosineAdapter", "LinearAdapter", "QueryAdapter", "a
 
 #: ``format`` of a linear adapter's ``config.json`` (:meth:`LinearAdapter.save`).
 LINEAR_FORMAT = "quari-linear-adapter"
-_LINEAR_VERSION = 1
+# 1: the full form (``weight``); 2: adds the low-rank form (``rank``, ``left``/``right``). A full
+# adapter is still written as version 1, so older quari versions keep reading it.
+_LINEAR_VERSION = 2
 
 
 @runtime_checkable
@@ -80,25 +82,36 @@ class CosineAdapter:
 
 
 class LinearAdapter(torch.nn.Module):
-    """ILIAS's static linear adaptation: one learned map W (D×E) for every query and item.
+    """A static linear adaptation: one learned map W for every query and item, cos(Wq, Wd).
 
-    ILIAS (``linear_adaptation/``) projects queries *and* gallery vectors with one
-    ``Linear(E, D)`` and L2-normalises, so the score is cos(Wq, Wd). This class learns W
-    **without a bias**: with a bias b the score cos(Wq + b, Wd + b) is affine in d, which no
-    :class:`~quari.adaptation.Adaptation` over the stored rows can express (the homogeneous
-    coordinate trick would need a constant 1 appended to every stored row). Without it the map
-    is exact in factored form: with the thin SVD W = P S Qᵀ (rank ρ ≤ min(D, E)),
+    Two forms of W:
 
-        cos(Wq, Wd) = cos(S Qᵀq, S Qᵀd) = cos(q′, T d),  T = Q S Qᵀ = U Vᵀ,  q′ = T q / ‖T q‖,
+    * **full** (``rank=None``, ILIAS's linear adaptation): a D×E map. ILIAS
+      (``linear_adaptation/``) projects queries *and* gallery vectors with one
+      ``Linear(E, D)`` and L2-normalises. This class learns W **without a bias**: with a bias b
+      the score cos(Wq + b, Wd + b) is affine in d, which no
+      :class:`~quari.adaptation.Adaptation` over the stored rows can express (the homogeneous
+      coordinate trick would need a constant 1 appended to every stored row). Without it the
+      map is exact in factored form: with the thin SVD W = P S Qᵀ (rank ρ ≤ min(D, E)),
 
-    since P has orthonormal columns (U = Q S, V = Q, the paper variant of rank ρ). So every
-    retrieval mode scores the linear baseline exactly from the stored rows, with no
+          cos(Wq, Wd) = cos(S Qᵀq, S Qᵀd) = cos(q′, T d),  T = Q S Qᵀ = U Vᵀ,  q′ = T q / ‖T q‖,
+
+      since P has orthonormal columns (U = Q S, V = Q, the paper variant of rank ρ).
+    * **low-rank** (``rank=k``): W = I + L Rᵀ with L, R of shape E×k — the frozen space plus a
+      rank-k correction, starting at the identity (L = 0). Its
+      :class:`~quari.adaptation.Adaptation` is the reference form T = I + L Rᵀ with the same
+      factors for every query: QuARI's map with the query input taken away, scored at the
+      cost of a rank-k QuARI model (the "static rank k" baseline of ``docs/results.md``).
+
+    Either way every retrieval mode scores the adapter exactly from the stored rows, with no
     re-embedded copy of the gallery.
 
     Args:
         embedding_dim: E, the backbone dimension.
-        out_dim: D, the projected dimension (ILIAS: 512; default min(512, E)).
+        out_dim: D, the projected dimension of the full form (ILIAS: 512; default
+            min(512, E)); the low-rank form maps E → E.
         metadata: Facts saved with the adapter (``"encoder"`` is checked by the Retriever).
+        rank: k for the low-rank form (1 ≤ k ≤ E); None: the full form.
 
     Example:
         >>> adapter = LinearAdapter(16, 8)
@@ -106,40 +119,80 @@ class LinearAdapter(torch.nn.Module):
         >>> ref = adapter.project(q) @ adapter.project(d).T
         >>> torch.allclose(adapter(q).score(d), ref, atol=1e-5)
         True
+        >>> LinearAdapter(16, rank=4).matrix().equal(torch.eye(16))  # starts at the identity
+        True
     """
 
     def __init__(
-        self, embedding_dim: int, out_dim: int | None = None, metadata: dict[str, Any] | None = None
+        self,
+        embedding_dim: int,
+        out_dim: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        *,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         E = int(embedding_dim)
-        D = min(512, E) if out_dim is None else int(out_dim)
+        if rank is None:
+            D = min(512, E) if out_dim is None else int(out_dim)
+        else:
+            D = E if out_dim is None else int(out_dim)
+            if D != E:
+                raise QuARIInputError(f"a low-rank linear adapter maps E → E; out_dim {D} ≠ {E}")
         if E < 1 or D < 1:
             raise QuARIInputError(f"embedding_dim and out_dim must be positive, got {E}, {D}")
-        self.weight = torch.nn.Parameter(torch.empty(D, E))
-        # Orthonormal rows: at D = E the initial map is a rotation (exactly the cosine
-        # baseline), at D < E a random projection that roughly preserves it.
-        torch.nn.init.orthogonal_(self.weight)
+        self.rank = None if rank is None else int(rank)
+        self.weight: torch.nn.Parameter | None = None
+        self.left: torch.nn.Parameter | None = None
+        self.right: torch.nn.Parameter | None = None
+        if self.rank is None:
+            self.weight = torch.nn.Parameter(torch.empty(D, E))
+            # Orthonormal rows: at D = E the initial map is a rotation (exactly the cosine
+            # baseline), at D < E a random projection that roughly preserves it.
+            torch.nn.init.orthogonal_(self.weight)
+        else:
+            if not 1 <= self.rank <= E:
+                raise QuARIInputError(f"rank must be in 1 … {E} (the dimension), got {rank}")
+            # L = 0: W = I, exactly the cosine baseline; R random so that L's gradient is not 0.
+            self.left = torch.nn.Parameter(torch.zeros(E, self.rank))
+            self.right = torch.nn.Parameter(torch.randn(E, self.rank) / E**0.5)
+        self._dims = (D, E)
         self.metadata: dict[str, Any] = {"adapter": "linear", **(metadata or {})}
         # (the weight they were computed from, U, V): recomputed when the weight changes
         self._factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def embedding_dim(self) -> int:
-        return self.weight.shape[1]
+        return self._dims[1]
 
     @property
     def out_dim(self) -> int:
-        return self.weight.shape[0]
+        return self._dims[0]
+
+    def matrix(self) -> torch.Tensor:
+        """W, the (D, E) map (differentiable)."""
+        if self.weight is not None:
+            return self.weight
+        assert self.left is not None and self.right is not None
+        eye = torch.eye(self.embedding_dim, dtype=self.left.dtype, device=self.left.device)
+        return eye + self.left @ self.right.T
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """normalize(W x) for (N, E) vectors — the D-dimensional space ILIAS searches in
+        """normalize(W x) for (N, E) vectors — the D-dimensional space the adapter searches in
         (differentiable: the training loss uses it)."""
-        return torch.nn.functional.normalize(x @ self.weight.T, dim=-1)
+        if self.weight is not None:
+            return torch.nn.functional.normalize(x @ self.weight.T, dim=-1)
+        assert self.left is not None and self.right is not None
+        # x + (x R) Lᵀ: O(E·k) per vector instead of the dense E×E product
+        return torch.nn.functional.normalize(x + (x @ self.right) @ self.left.T, dim=-1)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U, V), each (E, ρ), with U Vᵀ = Q S Qᵀ = T (class docstring); cached per weight
-        weight. Singular values below 1e-6 · the largest are dropped (rank ρ)."""
+        """(U, V) of the adaptation, detached: the full form's (E, ρ) pair with U Vᵀ = Q S Qᵀ
+        = T (class docstring), cached per weight; singular values below 1e-6 · the largest are
+        dropped (rank ρ). The low-rank form's (E, k) pair (L, R), with T = I + U Vᵀ."""
+        if self.weight is None:
+            assert self.left is not None and self.right is not None
+            return self.left.detach(), self.right.detach()
         w = self.weight.detach()
         cached = self._factors
         if cached is None or cached[0].device != w.device or not torch.equal(cached[0], w):
@@ -155,17 +208,20 @@ class LinearAdapter(torch.nn.Module):
     def forward(self, queries: torch.Tensor) -> Adaptation:
         """The exact :class:`~quari.adaptation.Adaptation` of cos(Wq, Wd) for (B, E) queries."""
         q = as_embeddings(queries, self.embedding_dim, "queries", normalize=True)
-        q = q.to(self.weight.device, self.weight.dtype)
         U, V = self.factors()
-        refined = (q @ V) @ U.T  # T q = Q S Qᵀ q
+        q = q.to(U.device, U.dtype)
         B, (E, r) = q.shape[0], U.shape
+        if self.weight is None:  # T = I + L Rᵀ
+            refined = q + (q @ V) @ U.T
+            return Adaptation(refined, U.expand(B, E, r), V.expand(B, E, r), "reference", 1.0)
+        refined = (q @ V) @ U.T  # T q = Q S Qᵀ q
         return Adaptation(refined, U.expand(B, E, r), V.expand(B, E, r), "paper")
 
     # -- folders ----------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """Writes ``config.json`` (``"format": "quari-linear-adapter"``), ``model.safetensors``
-        (``weight``, D×E) and a ``README.md`` model card; :func:`quari.checkpoint.load_model`
-        recognises the folder.
+        (``weight``, D×E; the low-rank form: ``left`` and ``right``, E×k) and a ``README.md``
+        model card; :func:`quari.checkpoint.load_model` recognises the folder.
 
         Returns:
             The folder path.
@@ -174,12 +230,14 @@ class LinearAdapter(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "format": LINEAR_FORMAT,
-            "format_version": _LINEAR_VERSION,
+            "format_version": 1 if self.rank is None else _LINEAR_VERSION,
             "quari_version": __version__,
             "config": {"embedding_dim": self.embedding_dim, "out_dim": self.out_dim, "bias": False},
             "metadata": self.metadata,
         }
-        state = {"weight": self.weight.detach().cpu().contiguous()}
+        if self.rank is not None:
+            config["config"]["rank"] = self.rank
+        state = {name: t.detach().cpu().contiguous() for name, t in self.named_parameters()}
         atomic_write(folder / "model.safetensors", lambda f: f.write(save_safetensors(state)))
         text = json.dumps(config, indent=2, sort_keys=True, default=str) + "\n"
         atomic_write(folder / "config.json", lambda f: f.write(text.encode()))
@@ -223,19 +281,21 @@ class LinearAdapter(torch.nn.Module):
             )
         try:
             E, D = int(cfg["embedding_dim"]), int(cfg["out_dim"])
-            weight = load_file(str(weights_path), device=str(map_location))["weight"]
-        except (KeyError, TypeError, ValueError) as exc:
+            rank = None if cfg.get("rank") is None else int(cfg["rank"])
+            tensors = load_file(str(weights_path), device=str(map_location))
+            adapter = cls(E, D, dict(data.get("metadata") or {}), rank=rank)
+        except (KeyError, TypeError, ValueError, QuARIInputError) as exc:
             raise CheckpointError(f"{folder}: incomplete linear adapter ({exc!r})") from None
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
-        if tuple(weight.shape) != (D, E):
+        expected = {name: tuple(t.shape) for name, t in adapter.named_parameters()}
+        found = {name: tuple(t.shape) for name, t in tensors.items()}
+        if found != expected:
             raise CheckpointError(
-                f"{weights_path}: weight has shape {tuple(weight.shape)}, the config says "
-                f"({D}, {E})"
+                f"{weights_path}: holds {found or 'no tensors'}, the config "
+                f"({'full' if rank is None else f'rank {rank}'}, {D}×{E}) needs {expected}"
             )
-        adapter = cls(E, D, dict(data.get("metadata") or {}))
-        with torch.no_grad():
-            adapter.weight.copy_(weight)
+        adapter.load_state_dict(tensors)
         return adapter.to(map_location).eval()
 
     def _card(self) -> str:
@@ -254,7 +314,12 @@ class LinearAdapter(torch.nn.Module):
             "| field | value |",
             "|---|---|",
             f"| encoder | {self.metadata.get('encoder', 'unknown')} |",
-            f"| map | {self.out_dim} × {self.embedding_dim}, no bias |",
+            (
+                f"| map | {self.out_dim} × {self.embedding_dim}, no bias |"
+                if self.rank is None
+                else f"| map | I + L Rᵀ, rank {self.rank}, {self.embedding_dim} × "
+                f"{self.embedding_dim}, no bias |"
+            ),
             f"| quari version | {__version__} |",
         ]
         lines += [
@@ -263,7 +328,8 @@ class LinearAdapter(torch.nn.Module):
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
-        return f"LinearAdapter(embedding_dim={self.embedding_dim}, out_dim={self.out_dim})"
+        rank = "" if self.rank is None else f", rank={self.rank}"
+        return f"LinearAdapter(embedding_dim={self.embedding_dim}, out_dim={self.out_dim}{rank})"
 
 
 def adapter_device(adapter: Any) -> torch.device | None:

@@ -93,7 +93,13 @@ def train_command(
             "query decoder (paper, reference; default: preset's).",
         ),
     ] = None,
-    rank: Annotated[int | None, typer.Option(help="Rank r of the map (default: preset's).")] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            help="Rank r of the map (default: preset's; --adapter linear: the low-rank form "
+            "W = I + L Rᵀ, default the full map)."
+        ),
+    ] = None,
     hidden_dim: Annotated[int | None, typer.Option(help="Transformer width H.")] = None,
     layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
     heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
@@ -176,7 +182,7 @@ def train_command(
         typer.Option(
             help="quari (the hypernetwork) or linear (the static linear-adaptation baseline, "
             "trained on the same pairs and split; uses --epochs, --max-steps, --batch-size, "
-            "--lr, --seed, --out-dim)."
+            "--lr, --seed, --out-dim, and --rank for the low-rank form W = I + L Rᵀ)."
         ),
     ] = "quari",
     out_dim: Annotated[
@@ -194,6 +200,7 @@ def train_command(
             image_key=image_key,
             val_fraction=val_fraction,
             out_dim=out_dim,
+            rank=rank,
             epochs=epochs,
             batch_size=batch_size or 128,
             lr=lr or 1e-3,

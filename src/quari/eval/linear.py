@@ -64,7 +64,9 @@ class LinearTrainConfig:
         val: Validation set (None: hold out ``val_fraction`` of the training images).
         image_key: Metadata column grouping the captions of one image.
         val_fraction: Share of images held out for validation.
-        out_dim: D, the projected dimension (default min(512, E), as ILIAS).
+        out_dim: D, the projected dimension (default min(512, E), as ILIAS; the full form).
+        rank: k: learn the low-rank form W = I + L Rᵀ (E → E, rank-k correction of the frozen
+            space; :class:`~quari.adapters.LinearAdapter`) instead of the full D×E map.
         epochs: Passes over the training pairs (ILIAS: 2 in its SigLIP example, 5 by default).
         batch_size: Pairs per step (ILIAS: 128).
         lr: Adam learning rate (ILIAS: 1e-3).
@@ -81,6 +83,7 @@ class LinearTrainConfig:
     image_key: str | None = None
     val_fraction: float = 0.05
     out_dim: int | None = None
+    rank: int | None = None
     epochs: int = 5
     batch_size: int = 128
     lr: float = 1e-3
@@ -100,6 +103,10 @@ class LinearTrainConfig:
             raise QuARIInputError(f"max_steps must be positive, got {self.max_steps}")
         if self.out_dim is not None and self.out_dim < 1:
             raise QuARIInputError(f"out_dim must be positive, got {self.out_dim}")
+        if self.rank is not None and (isinstance(self.rank, bool) or self.rank < 1):
+            raise QuARIInputError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.rank is not None and self.out_dim is not None:
+            raise QuARIInputError("rank (the low-rank form, E → E) and out_dim exclude each other")
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise QuARIInputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -209,7 +216,9 @@ def train_linear(config: LinearTrainConfig) -> LinearTrainResult:
     queries, gallery, target = data.val_vectors()
     batches = data.batches(config.batch_size)
     torch.manual_seed(config.seed)
-    adapter = LinearAdapter(data.dim, config.out_dim)
+    if config.rank is not None and config.rank > data.dim:
+        raise QuARIInputError(f"rank {config.rank} exceeds the embedding dimension {data.dim}")
+    adapter = LinearAdapter(data.dim, config.out_dim, rank=config.rank)
     optimizer = torch.optim.Adam(
         adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -257,7 +266,8 @@ def train_linear(config: LinearTrainConfig) -> LinearTrainResult:
                 f"{t['path']} ({t['pairs']:,} pairs)" for t in data.summary()["train"]
             ),
             "training": (
-                f"symmetric InfoNCE (τ {config.temperature:g}), Adam lr {config.lr:g}, weight "
+                ("" if config.rank is None else f"W = I + L Rᵀ of rank {config.rank}; ")
+                + f"symmetric InfoNCE (τ {config.temperature:g}), Adam lr {config.lr:g}, weight "
                 f"decay {config.weight_decay:g}, batch {config.batch_size}, {step} steps, best "
                 f"epoch {best_epoch + 1} of {epoch + 1}, seed {config.seed}"
             ),
