@@ -7,8 +7,9 @@
 2. ``index`` — a candidate index over each test gallery;
 3. ``mine`` — semi-positives of the training set;
 4. ``train`` — QuARI with the default recipe (:mod:`quari.demo.recipe`);
-5. ``linear`` — the linear-adapter baseline on the same pairs;
-6. ``evaluate`` — cosine, linear and QuARI on both tracks' test queries
+5. ``linear`` — the linear-adapter baselines on the same pairs: the full map, and the low-rank
+   form at QuARI's rank (its map held fixed for every query);
+6. ``evaluate`` — cosine, both linear adapters and QuARI on both tracks' test queries
    (:class:`~quari.eval.protocols.CustomEvaluator`), ``eval/results.json`` and the
    ``quari eval report`` markdown and plots;
 7. ``report`` — ``report.html``: the table, a dozen test queries with both methods' top results
@@ -52,6 +53,7 @@ __all__ = ["METHODS", "DemoResult", "run_demo", "serve_command"]
 METHODS = (
     ("cosine", None, ("plain",)),
     ("linear", "linear", ("scan",)),
+    ("static low-rank", "static", ("scan",)),
     ("QuARI", "model", ("adaptive", "scan")),
 )
 K = 100  # the cut-off of every ranked list (AP@100 is the headline metric)
@@ -238,21 +240,28 @@ def _run(config: DemoConfig, out: Path, threads: int, echo: Callable[[str], None
         outputs=[out / "model"],
     )
 
-    linear = linear_config(config, tracks / "train", out / "linear")
+    # The full map (ILIAS) and the low-rank form at QuARI's rank: QuARI without the query input.
+    linears = {
+        "linear": linear_config(config, tracks / "train", out / "linear"),
+        "static": linear_config(config, tracks / "train", out / "static", rank=train_config.rank),
+    }
 
-    def train_linear_adapter() -> dict[str, Any]:
+    def train_linear_adapters() -> dict[str, Any]:
         from quari.eval.linear import train_linear
 
-        result = train_linear(linear)
-        return {"steps": result.steps, "best_epoch": result.best_epoch, "metrics": result.metrics}
+        done = {name: train_linear(cfg) for name, cfg in linears.items()}
+        return {
+            name: {"steps": r.steps, "best_epoch": r.best_epoch, "metrics": r.metrics}
+            for name, r in done.items()
+        }
 
     runner.run(
         "linear",
-        "train the linear-adapter baseline on the same pairs",
-        {**asdict(linear), "progress": None},
-        train_linear_adapter,
+        "train the linear-adapter baselines (full, and low-rank at QuARI's rank)",
+        {name: {**asdict(cfg), "progress": None} for name, cfg in linears.items()},
+        train_linear_adapters,
         parents=["tracks"],
-        outputs=[out / "linear"],
+        outputs=[cfg.out for cfg in linears.values()],
     )
 
     results_path = out / "eval" / "results.json"
@@ -265,7 +274,7 @@ def _run(config: DemoConfig, out: Path, threads: int, echo: Callable[[str], None
 
     runner.run(
         "evaluate",
-        "evaluate cosine, linear and QuARI on both tracks' test queries",
+        "evaluate cosine, the linear adapters and QuARI on both tracks' test queries",
         {"k": K, "methods": [[m[0], list(m[2])] for m in METHODS]},
         evaluate,
         parents=["index", "train", "linear"],

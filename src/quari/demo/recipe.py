@@ -41,12 +41,16 @@ def quari_config(config: DemoConfig, train_set: Path, out: Path) -> TrainConfig:
     )
 
 
-def linear_config(config: DemoConfig, train_set: Path, out: Path) -> LinearTrainConfig:
-    """The linear-adapter baseline on the same pairs and validation split (its own recipe)."""
+def linear_config(
+    config: DemoConfig, train_set: Path, out: Path, rank: int | None = None
+) -> LinearTrainConfig:
+    """A linear-adapter baseline on the same pairs and validation split (its own recipe): the
+    full map, or with ``rank`` the low-rank form W = I + L Rᵀ."""
     return LinearTrainConfig(
         train=(TrainSource(Path(train_set)),),
         out=Path(out),
         image_key=IMAGE_KEY,
+        rank=rank,
         seed=config.seed,
         progress=config.progress,
     )

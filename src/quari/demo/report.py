@@ -214,7 +214,9 @@ def write_page(
 images, {sizes.get("test", "?"):,} test images at {sizes.get("resolution", "?")} px. Embeddings
 come from the <code>offline</code> encoder (EfficientNet-Lite0 + all-MiniLM-L6-v2 joined by a
 fitted linear head; <b>not CLIP</b>). <b>cosine</b> is the frozen backbone, <b>linear</b> a
-static linear adapter trained on the same pairs, <b>QuARI</b> the query-adaptive model.</p>
+static linear adapter trained on the same pairs, <b>static low-rank</b> the same kind of map as
+QuARI's (identity plus a low-rank term, same rank) held fixed for every query, <b>QuARI</b> the
+query-adaptive model.</p>
 <h2>Results on the test queries</h2>
 {"".join(_table_html(rows, t) for t in tracks)}
 <h2>Test queries: top {_top(shown)} of cosine and of QuARI ({HEADLINE_MODE})</h2>
