@@ -106,7 +106,7 @@ def test_low_rank_training_learns_the_planted_distortion(tmp_path):
     adapter = load_model(tmp_path / "low")
     assert adapter.rank == 8 and adapter.out_dim == 24
     assert "rank 8" in adapter.metadata["training"]
-    with pytest.raises(QuARIInputError, match="exceeds the embedding dimension 24"):
+    with pytest.raises(QuARIInputError, match="rank must be in 1 … 24"):
         train_linear(LinearTrainConfig(**{**vars(config), "rank": 25}))
     with pytest.raises(QuARIInputError, match="exclude each other"):
         LinearTrainConfig(**{**vars(config), "out_dim": 12})

@@ -101,7 +101,7 @@ class LinearAdapter(torch.nn.Module):
       rank-k correction, starting at the identity (L = 0). Its
       :class:`~quari.adaptation.Adaptation` is the reference form T = I + L Rᵀ with the same
       factors for every query: QuARI's map with the query input taken away, scored at the
-      cost of a rank-k QuARI model (the "static rank k" baseline of ``docs/results.md``).
+      cost of a rank-k QuARI model (the ``static low-rank`` baseline of ``docs/results.md``).
 
     Either way every retrieval mode scores the adapter exactly from the stored rows, with no
     re-embedded copy of the gallery.

@@ -216,8 +216,6 @@ def train_linear(config: LinearTrainConfig) -> LinearTrainResult:
     queries, gallery, target = data.val_vectors()
     batches = data.batches(config.batch_size)
     torch.manual_seed(config.seed)
-    if config.rank is not None and config.rank > data.dim:
-        raise QuARIInputError(f"rank {config.rank} exceeds the embedding dimension {data.dim}")
     adapter = LinearAdapter(data.dim, config.out_dim, rank=config.rank)
     optimizer = torch.optim.Adam(
         adapter.parameters(), lr=config.lr, weight_decay=config.weight_decay
