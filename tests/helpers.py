@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from quari import Adaptation, HyperNetConfig
+from quari.adapters import LinearAdapter
 from quari.eval.synthetic import PlantedSpec, write_planted_set
 from quari.training import MiningConfig, TrainConfig, TrainSource
 
@@ -66,6 +67,15 @@ def tiny_config(variant: str = "paper", **overrides) -> HyperNetConfig:
     )
     fields.update(overrides)
     return HyperNetConfig(**fields)
+
+
+def perturbed_low_rank(E=24, rank=3, seed=0, encoder="test-encoder") -> LinearAdapter:
+    """A low-rank linear adapter moved away from its identity start (L ~ N(0, 0.25))."""
+    torch.manual_seed(seed)
+    adapter = LinearAdapter(E, rank=rank, metadata={"encoder": encoder})
+    with torch.no_grad():
+        adapter.left.normal_(0.0, 0.5)
+    return adapter
 
 
 def random_adaptation(

@@ -16,7 +16,7 @@ from quari.errors import CheckpointError, QuARIInputError
 from quari.index import CandidateIndex
 from quari.retriever import MODES, Retriever
 
-from helpers import assert_close, make_set
+from helpers import assert_close, make_set, perturbed_low_rank
 
 
 def brute_force(adapter: LinearAdapter, q, d) -> np.ndarray:
@@ -95,14 +95,6 @@ def test_save_load_and_load_model(tmp_path):
     (tmp_path / "lin" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="newer"):
         load_model(tmp_path / "lin")
-
-
-def perturbed_low_rank(E=24, rank=3, seed=0) -> LinearAdapter:
-    torch.manual_seed(seed)
-    adapter = LinearAdapter(E, rank=rank, metadata={"encoder": "test-encoder"})
-    with torch.no_grad():
-        adapter.left.normal_(0.0, 0.5)  # away from the identity start
-    return adapter
 
 
 def test_low_rank_adapter_starts_at_cosine_and_scores_cos_wq_wd_exactly():

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from quari.checkpoint import load_model
 from quari.embed.images import load_image
+from quari.retriever import Retriever
 from quari.serve import ServeSettings, create_app
 
+from helpers import perturbed_low_rank
 from serve_helpers import ROWS, TEXT_QUERY, TEXT_ROW, make_served
 
 pytest.importorskip("fastapi")
@@ -223,3 +226,25 @@ def test_every_response_has_a_request_id(client):
     a, b = client.get("/healthz"), client.get("/healthz")
     assert len(a.headers["x-request-id"]) == 16
     assert a.headers["x-request-id"] != b.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("mode", ["scan", "rerank", "adaptive"])
+def test_a_low_rank_linear_adapter_folder_is_served_like_a_model(served, tmp_path, mode):
+    # What `quari serve --model demo-out/static` does: load the folder, serve every mode.
+    folder = perturbed_low_rank(served.encoder.dim, rank=3, encoder="toy").save(tmp_path / "lin")
+    adapter = load_model(folder)
+    retriever = Retriever(served.eset, adapter, served.index, encoder=served.encoder)
+    with TestClient(create_app(retriever)) as c:
+        assert c.get("/info").json()["modes"] == ["plain", "rerank", "adaptive", "scan"]
+        r = c.post("/search", json={"text": TEXT_QUERY, "k": 5, "mode": mode})
+    assert r.status_code == 200, r.text
+    want = retriever.search(texts=[TEXT_QUERY], k=5, mode=mode)
+    assert ids(r.json()) == want.ids[0].tolist()
+    if mode == "scan":  # exhaustive: the top 5 of cos(W q, W d) over every stored row
+        W = adapter.matrix().detach().double().numpy()
+        q = served.encoder.encode_texts([TEXT_QUERY])[0].astype(np.float64) @ W.T
+        d = served.eset.gather(np.arange(ROWS)).astype(np.float64) @ W.T
+        oracle = d @ q / np.linalg.norm(d, axis=1) / np.linalg.norm(q)
+        scores = [h["score"] for h in r.json()["results"]]
+        np.testing.assert_allclose(scores, np.sort(oracle)[::-1][:5], rtol=0, atol=1e-5)
+        assert ids(r.json()) == np.argsort(-oracle)[:5].tolist()
