@@ -78,6 +78,14 @@ def perturbed_low_rank(E=24, rank=3, seed=0, encoder="test-encoder") -> LinearAd
     return adapter
 
 
+def brute_force(adapter: LinearAdapter, q, d) -> np.ndarray:
+    """The linear adapters' oracle: cos(Wq, Wd) in float64 from the dense map, (Q, N)."""
+    W = adapter.matrix().detach().double()
+    zq = torch.nn.functional.normalize(torch.as_tensor(q).double() @ W.T, dim=-1)
+    zd = torch.nn.functional.normalize(torch.as_tensor(d).double() @ W.T, dim=-1)
+    return (zq @ zd.T).numpy()
+
+
 def random_adaptation(
     B: int, E: int, r: int, variant: str, seed: int = 0, scale: float = 1.0
 ) -> Adaptation:

@@ -16,15 +16,7 @@ from quari.errors import CheckpointError, QuARIInputError
 from quari.index import CandidateIndex
 from quari.retriever import MODES, Retriever
 
-from helpers import assert_close, make_set, perturbed_low_rank
-
-
-def brute_force(adapter: LinearAdapter, q, d) -> np.ndarray:
-    """The oracle: cos(Wq, Wd) in float64 from the dense map."""
-    W = adapter.matrix().detach().double()
-    zq = torch.nn.functional.normalize(torch.as_tensor(q).double() @ W.T, dim=-1)
-    zd = torch.nn.functional.normalize(torch.as_tensor(d).double() @ W.T, dim=-1)
-    return (zq @ zd.T).numpy()
+from helpers import assert_close, brute_force, make_set, perturbed_low_rank
 
 
 @pytest.mark.parametrize("out_dim", [8, 24, 40])  # D < E, D = E, D > E

@@ -15,7 +15,7 @@ from quari.embed.images import load_image
 from quari.retriever import Retriever
 from quari.serve import ServeSettings, create_app
 
-from helpers import perturbed_low_rank
+from helpers import brute_force, perturbed_low_rank
 from serve_helpers import ROWS, TEXT_QUERY, TEXT_ROW, make_served
 
 pytest.importorskip("fastapi")
@@ -241,10 +241,8 @@ def test_a_low_rank_linear_adapter_folder_is_served_like_a_model(served, tmp_pat
     want = retriever.search(texts=[TEXT_QUERY], k=5, mode=mode)
     assert ids(r.json()) == want.ids[0].tolist()
     if mode == "scan":  # exhaustive: the top 5 of cos(W q, W d) over every stored row
-        W = adapter.matrix().detach().double().numpy()
-        q = served.encoder.encode_texts([TEXT_QUERY])[0].astype(np.float64) @ W.T
-        d = served.eset.gather(np.arange(ROWS)).astype(np.float64) @ W.T
-        oracle = d @ q / np.linalg.norm(d, axis=1) / np.linalg.norm(q)
+        q = served.encoder.encode_texts([TEXT_QUERY])
+        oracle = brute_force(adapter, q, served.eset.gather(np.arange(ROWS)).astype(np.float32))[0]
         scores = [h["score"] for h in r.json()["results"]]
         np.testing.assert_allclose(scores, np.sort(oracle)[::-1][:5], rtol=0, atol=1e-5)
         assert ids(r.json()) == np.argsort(-oracle)[:5].tolist()
