@@ -1,4 +1,5 @@
-"""What the demo trains: QuARI with the default recipe, and the linear adapter on the same pairs.
+"""What the demo trains: QuARI with the default recipe, and the two linear-adapter baselines (the
+full map and the low-rank form at QuARI's rank) on the same pairs.
 
 The demo sets only what is about its data and its budget — the training set, the column that
 groups an image's captions and views (``item``), the number of steps and the seed — and leaves
