@@ -12,7 +12,12 @@ import torch
 from quari import QuARIInputError, QuARIModel
 from quari.checkpoint import load_reference
 from quari.errors import MissingDependencyError
-from quari.hypernet.packing import PACK_MAX_ROWS, PACK_SETS, mkl_packing_available
+from quari.hypernet.packing import (
+    PACK_MAX_ROWS,
+    PACK_SETS,
+    mkl_packing_available,
+    onednn_packing_available,
+)
 from quari.runtime import (
     REQUIRED_AGREEMENT,
     Runtime,
@@ -66,6 +71,36 @@ def test_runtime_reproduces_the_golden_fixture(fixture_model, golden, name):
     assert _top10_agreement(scores, golden["scores"]) == 1.0
     if name != "eager":  # reduced precision really ran: not bit-identical to fp32
         assert np.abs(scores - golden["scores"]).max() > 1e-6
+
+
+@pytest.mark.skipif(not onednn_packing_available(), reason="this torch has no oneDNN")
+def test_bf16_packs_small_batches_only_and_falls_back_where_packing_fails(
+    fixture_model, monkeypatch
+):
+    model = copy.deepcopy(fixture_model).set_runtime("bf16")
+    runtime = model._runtime
+    big = PACK_MAX_ROWS // model.inference_tokens + 1  # the first batch past the packed rows
+    q = torch.nn.functional.normalize(torch.randn(big, model.config.embedding_dim), dim=-1)
+
+    def unpacked(x):  # the same bf16 maps, reordered by F.linear on every call
+        return model.predict_factors(x, linears=runtime.linears)
+
+    with torch.inference_mode():
+        small = runtime(q[:3])  # (q′, U, V) of checked queries, as model(q) calls it
+        assert runtime._packs.cache_info().currsize == 1
+        for got, want in zip(small, unpacked(q[:3]), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+        large = runtime(q)
+        assert runtime._packs.cache_info().currsize == 1  # past PACK_MAX_ROWS: not packed
+        assert all(map(torch.equal, large, unpacked(q)))
+
+        def refuse(*args):
+            raise RuntimeError("no bf16 reorder here")
+
+        monkeypatch.setattr("quari.runtime.Bf16PackedLinear", refuse)
+        fallback = copy.deepcopy(fixture_model).set_runtime("bf16")._runtime
+        assert all(map(torch.equal, fallback(q[:3]), unpacked(q[:3])))
+        assert fallback._pack_ok is False
 
 
 @pytest.mark.slow

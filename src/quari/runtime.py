@@ -56,7 +56,7 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +67,12 @@ from torch import nn
 
 from quari.errors import MissingDependencyError, QuARIInputError, missing_extra
 from quari.fileio import atomic_write
+from quari.hypernet.packing import (
+    PACK_MAX_ROWS,
+    PACK_SETS,
+    Bf16PackedLinear,
+    onednn_packing_available,
+)
 
 if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
@@ -227,6 +233,12 @@ class Bf16Runtime(Runtime):
     their weights and return bf16; the residual stream, LayerNorms, the query encoder and
     the decoders stay fp32 (the residual sum promotes the bf16 updates back to fp32), so
     q′, U and V come out fp32. The attention runs on the bf16 projections.
+
+    Small batches (at most :data:`~quari.hypernet.packing.PACK_MAX_ROWS` token rows) read the
+    copies reordered once per row count by oneDNN, as the fp32 pass reads MKL's packs: at
+    batch 1 the paper-sized reference pass ran ~20 % faster so (docs/results.md, CPU
+    runtimes); at larger batches the per-call reorder is amortised and plain ``F.linear``
+    measured faster.
     """
 
     name = "bf16"
@@ -235,9 +247,24 @@ class Bf16Runtime(Runtime):
     def __init__(self, model: QuARIModel) -> None:
         super().__init__(model)
         self.linears = {n: _Bf16Linear(w, b) for n, (w, b) in model.transformer_linears().items()}
+        self._pack_ok = onednn_packing_available()
+        self._packs = lru_cache(maxsize=PACK_SETS)(self._pack)
+
+    def _pack(self, rows: int) -> dict[str, Bf16PackedLinear]:
+        # From the copies taken when the runtime was built, like the unpacked maps.
+        return {n: Bf16PackedLinear(f.weight, f.bias, rows) for n, f in self.linears.items()}
+
+    def _linears_for(self, rows: int) -> dict[str, Any]:
+        if self._pack_ok and rows <= PACK_MAX_ROWS:
+            try:
+                return self._packs(rows)
+            except RuntimeError:
+                self._pack_ok = False  # oneDNN cannot reorder bf16 on this CPU: stay unpacked
+        return self.linears
 
     def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.predict_factors(q, linears=self.linears)
+        rows = q.shape[0] * self.model.inference_tokens
+        return self.model.predict_factors(q, linears=self._linears_for(rows))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "native_bf16": has_native_bf16()}

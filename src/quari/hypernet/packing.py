@@ -1,9 +1,11 @@
-"""The default CPU pass's prepacked GEMM weights (:class:`PackedLinears`).
+"""Prepacked GEMM weights for the CPU passes at small batches.
 
-At small batches each transformer GEMM has few rows (1 + r per query, folded) and MKL's sgemm
-spends a large share of every call reordering the weight into its kernel's layout; here that is
-done once per row count and kept (docs/method.md §3.5). Used by
-:meth:`quari.QuARIModel.eager_factors`, the default ``eager`` pass.
+At small batches each transformer GEMM has few rows (1 + r per query, folded) and the GEMM
+library spends a large share of every call reordering the weight into its kernel's layout;
+here that is done once per row count and kept (docs/method.md §3.5): MKL's fp32 packs for the
+default ``eager`` pass (:class:`PackedLinears`, used by
+:meth:`quari.QuARIModel.eager_factors`) and oneDNN's bf16 packs for the ``bf16`` runtime
+(:class:`Bf16PackedLinear`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ import torch
 if TYPE_CHECKING:
     from quari.hypernet.model import QuARIModel
 
-__all__ = ["PACK_MAX_ROWS", "PACK_SETS", "PackedLinears", "mkl_packing_available"]
+__all__ = [
+    "PACK_MAX_ROWS",
+    "PACK_SETS",
+    "Bf16PackedLinear",
+    "PackedLinears",
+    "mkl_packing_available",
+    "onednn_packing_available",
+]
 
 #: Largest row count (queries × sequence length) whose GEMMs read prepacked weights: at these
 #: sizes packing the weight is a large share of each GEMM call (the paper-sized reference pass
@@ -50,6 +59,51 @@ def _mkl_ops() -> tuple[Any, Any] | None:
 def mkl_packing_available() -> bool:
     """Whether this torch has MKL's packed sgemm (x86 builds): ``mkl::_mkl_linear``."""
     return _mkl_ops() is not None
+
+
+@cache
+def _onednn_ops() -> tuple[Any, Any] | None:
+    """oneDNN's (reorder, packed linear) ops, or None where this torch has no oneDNN.
+
+    Underscore-named ATen operators like MKL's (inductor emits them for frozen bf16 linears).
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        ops = torch.ops.mkldnn
+        return ops._reorder_linear_weight, ops._linear_pointwise  # noqa: SLF001
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def onednn_packing_available() -> bool:
+    """Whether this torch has oneDNN's prepacked linear: ``mkldnn::_linear_pointwise``."""
+    return _onednn_ops() is not None
+
+
+class Bf16PackedLinear:
+    """x ↦ x Wᵀ + b in bf16 (bf16 out) through oneDNN, its weight reordered once for inputs of
+    ``rows`` rows.
+
+    The same bf16 arithmetic as ``F.linear`` on bf16 tensors (which reorders the weight on
+    every call); other row counts are served too, at the unpacked speed.
+
+    Args:
+        weight: (out, in) bf16 weight.
+        bias: (out,) bf16 bias.
+        rows: The row count the layout is chosen for.
+
+    Raises:
+        RuntimeError: oneDNN cannot pack bf16 on this CPU.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int) -> None:
+        pack, self._linear = _onednn_ops()
+        self.bias = bias
+        self.packed = pack(weight, rows)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
 
 
 class _PackedLinear:
