@@ -124,6 +124,9 @@ def test_onnx_runtime_reproduces_the_golden_fixture_and_caches_its_export(
     model = copy.deepcopy(fixture_model).set_runtime("onnx", cache=onnx_cache)
     first = model._runtime
     assert first.exported and first.path.parent == onnx_cache
+    # Idle ONNX Runtime threads must not spin: they would hold the cores the scoring needs next.
+    options = first._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     refined, scores = _outputs(model, golden)
     np.testing.assert_allclose(refined, golden["refined_query"], atol=1e-5)
     np.testing.assert_allclose(scores, golden["scores"], atol=1e-5)

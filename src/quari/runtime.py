@@ -376,6 +376,10 @@ class OnnxRuntime(Runtime):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # ONNX Runtime's idle threads spin by default, holding the cores after each call: the
+        # torch work that follows (the scoring, the next eager pass) ran ~30 ms slower at batch
+        # 1 on two cores, for ~1 ms gained by ONNX Runtime itself (docs/results.md, CPU runtimes).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
