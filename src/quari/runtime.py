@@ -13,9 +13,9 @@ name        arithmetic                       what runs
 ``onnx``    fp32 (exact to rounding)         ONNX Runtime on the exported pass (extra
                                              ``onnx``; the export is cached on disk)
 ``bf16``    bf16 transformer GEMMs           the pass with bf16 copies of the transformer's
-                                             weights; residual stream, norms, encoder and
-                                             decoders stay fp32 (pays on CPUs with
-                                             AVX512-BF16 / AMX)
+                                             weights (oneDNN-prepacked at small batches);
+                                             residual stream, norms, encoder and decoders
+                                             stay fp32 (pays on CPUs with AVX512-BF16 / AMX)
 ``int8``    int8 transformer GEMMs           PyTorch's dynamic int8 quantisation of the
                                              transformer's linear maps (fbgemm / x86)
 ``fp32``    fp32 (exact to rounding)         the faster of ``eager`` and ``onnx``, measured
