@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quari import QuARIModel
 from quari.adapters import CosineAdapter, LinearAdapter, QueryAdapter
 from quari.checkpoint import load_model
 from quari.errors import CheckpointError, QuARIInputError
 from quari.index import CandidateIndex
 from quari.retriever import MODES, Retriever
 
-from helpers import assert_close, brute_force, make_set, perturbed_low_rank
+from helpers import assert_close, brute_force, make_set, perturbed_low_rank, tiny_config
 
 
 @pytest.mark.parametrize("out_dim", [8, 24, 40])  # D < E, D = E, D > E
@@ -158,3 +159,65 @@ def test_every_retrieval_mode_ranks_by_the_linear_map(tmp_path, form):
         res = retriever.search(q, 5, mode=mode, candidates=200, with_metadata=False)
         assert res.ids.tolist() == want.tolist(), mode
         assert_close(res.scores, np.take_along_axis(oracle, want, 1), 2e-5)
+
+
+def _mean_map_model(**overrides):
+    torch.manual_seed(0)
+    config = tiny_config("reference", map_query=True, **overrides)
+    model = QuARIModel(config).eval()
+    model.metadata["encoder"] = "test-encoder"
+    return model
+
+
+def test_mean_map_is_the_mean_of_the_models_maps_truncated_to_rank_k():
+    model = _mean_map_model()
+    E, r = model.config.embedding_dim, model.config.rank
+    q = F.normalize(torch.randn(50, E), dim=-1)
+    with torch.inference_mode():
+        ad = model(q)
+    # float64 oracle: the mean of the dense per-query corrections α U Vᵀ
+    mean = (ad.U.double() @ ad.V.double().transpose(1, 2)).mean(0) * ad.anchor_scale
+    eye = torch.eye(E, dtype=torch.float64)
+    full = LinearAdapter.mean_of(model, q, rank=E, batch_size=7)  # chunks: the sum is exact
+    assert full.metadata["encoder"] == "test-encoder"
+    assert full.metadata["mean_of"]["queries"] == 50
+    assert_close(full.matrix().detach().double(), eye + mean, atol=1e-5)
+    # the default rank is the model's; the rank-r truncation is the best one (Eckart–Young)
+    low = LinearAdapter.mean_of(model, q)
+    assert low.rank == r
+    S = torch.linalg.svdvals(mean)
+    err = torch.linalg.matrix_norm(low.matrix().detach().double() - eye - mean) ** 2
+    assert float(err) == pytest.approx(float((S[r:] ** 2).sum()), rel=1e-3)
+    kept = low.metadata["mean_of"]["energy_kept"]
+    assert kept == pytest.approx(float((S[:r] ** 2).sum() / (S**2).sum()), rel=1e-6) and kept < 1
+
+
+def test_mean_map_of_one_query_scores_that_query_as_the_model_does():
+    model = _mean_map_model()
+    q = F.normalize(torch.randn(1, model.config.embedding_dim), dim=-1)
+    gallery = F.normalize(torch.randn(30, model.config.embedding_dim), dim=-1)
+    adapter = LinearAdapter.mean_of(model, q.repeat(3, 1))  # one map, rank r: kept whole
+    with torch.inference_mode():
+        want = model(q).score(gallery)
+    assert_close(adapter(q).score(gallery), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant, overrides, match",
+    [
+        ("paper", {}, "reference variant with map_query"),
+        ("reference", {"map_query": False}, "map_query False"),
+    ],
+)
+def test_mean_map_refuses_models_whose_score_is_not_cos_tq_td(variant, overrides, match):
+    model = QuARIModel(tiny_config(variant, **overrides)).eval()
+    with pytest.raises(QuARIInputError, match=match):
+        LinearAdapter.mean_of(model, torch.randn(4, 24))
+
+
+def test_mean_map_rejects_bad_ranks_and_queries():
+    model = _mean_map_model()
+    with pytest.raises(QuARIInputError, match="rank must be in 1 … 24"):
+        LinearAdapter.mean_of(model, torch.randn(4, 24), rank=25)
+    with pytest.raises(QuARIInputError, match="queries"):
+        LinearAdapter.mean_of(model, torch.randn(4, 23))

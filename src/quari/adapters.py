@@ -161,6 +161,72 @@ class LinearAdapter(torch.nn.Module):
         # (the weight they were computed from, U, V): recomputed when the weight changes
         self._factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    @classmethod
+    def mean_of(
+        cls,
+        model: Any,
+        queries: Any,
+        *,
+        rank: int | None = None,
+        batch_size: int = 1024,
+    ) -> LinearAdapter:
+        """The static map a QuARI model makes on average: W = I + L Rᵀ with L Rᵀ the best
+        rank-k approximation of the mean of α U(q) V(q)ᵀ over ``queries``.
+
+        What is left of a model when its query input is taken away at search time — the
+        check of what the per-query part of the map adds on a collection (docs/results.md:
+        on the Fashion-MNIST tracks' text queries, nothing measurable). It needs a model
+        whose scoring is cos(Tq, Td): the reference variant with ``map_query``.
+
+        Args:
+            model: A :class:`~quari.hypernet.QuARIModel` (reference variant, ``map_query``).
+            queries: (N, E) query embeddings to average over (e.g. the training captions).
+            rank: k (default: the model's rank, so scoring costs what the model's does).
+            batch_size: Queries per forward pass.
+
+        Returns:
+            A low-rank adapter; ``metadata`` holds the model's encoder and, under
+            ``"mean_of"``, the query count and the share of the mean map's energy (squared
+            Frobenius norm) that rank k keeps.
+
+        Raises:
+            QuARIInputError: another variant, no ``map_query``, bad queries or rank.
+
+        Example:
+            >>> from quari import HyperNetConfig, QuARIModel
+            >>> model = QuARIModel(HyperNetConfig(embedding_dim=16, rank=4, hidden_dim=8,
+            ...     num_layers=1, num_heads=2, variant="reference", map_query=True)).eval()
+            >>> LinearAdapter.mean_of(model, torch.randn(10, 16)).rank
+            4
+        """
+        cfg = model.config
+        if cfg.variant != "reference" or not cfg.map_query:
+            raise QuARIInputError(
+                "a mean map needs a model that scores cos(Tq, Td): the reference variant with "
+                f"map_query (this one: variant {cfg.variant!r}, map_query {cfg.map_query})"
+            )
+        E = cfg.embedding_dim
+        adapter = cls(E, rank=cfg.rank if rank is None else rank)  # checks the rank
+        k = adapter.rank
+        q = as_embeddings(queries, E, "queries", normalize=True)
+        total = torch.zeros(E, E, dtype=torch.float64)
+        with torch.inference_mode():
+            for part in q.split(batch_size):
+                ad = model(part)
+                # Σ_q α U_q V_qᵀ without forming a per-query E×E matrix
+                U = ad.U.double().cpu() * ad.anchor_scale
+                total += torch.einsum("ber,bfr->ef", U, ad.V.double().cpu())
+        mean = total / q.shape[0]
+        P, S, Qt = torch.linalg.svd(mean)
+        energy = float((S[:k] ** 2).sum() / (S**2).sum().clamp_min(1e-300))
+        if "encoder" in model.metadata:
+            adapter.metadata["encoder"] = model.metadata["encoder"]
+        adapter.metadata["mean_of"] = {"queries": int(q.shape[0]), "energy_kept": energy}
+        with torch.no_grad():
+            adapter.left.copy_((P[:, :k] * S[:k]).float())
+            adapter.right.copy_(Qt[:k].T.float())
+        return adapter
+
     @property
     def embedding_dim(self) -> int:
         return self._dims[1]
