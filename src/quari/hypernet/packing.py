@@ -40,45 +40,37 @@ PACK_MAX_ROWS = 1024
 PACK_SETS = 4
 
 
-@cache
-def _mkl_ops() -> tuple[Any, Any] | None:
-    """MKL's (pack, packed linear) ops, or None where this torch has no MKL (non-x86 builds).
+#: (reorder, packed linear) ATen operators per library: MKL's packed sgemm (x86 builds) and
+#: oneDNN's prepacked linear (what inductor's weight freezing emits for frozen fp32 and bf16
+#: linears). They are underscore-named operators, not private Python members; there is no
+#: public spelling.
+_OPS = {
+    "mkl": ("_mkl_reorder_linear_weight", "_mkl_linear"),
+    "mkldnn": ("_reorder_linear_weight", "_linear_pointwise"),
+}
 
-    They are underscore-named ATen operators (what inductor's weight freezing emits on x86),
-    not private Python members; there is no public spelling.
-    """
-    if not torch.backends.mkl.is_available():
+
+@cache
+def _packed_ops(library: str) -> tuple[Any, Any] | None:
+    """``library``'s (reorder, packed linear) ops, or None where this torch lacks them."""
+    if not getattr(torch.backends, library).is_available():
         return None
     try:
-        ops = torch.ops.mkl
-        return ops._mkl_reorder_linear_weight, ops._mkl_linear  # noqa: SLF001
+        ops = getattr(torch.ops, library)
+        reorder, linear = (getattr(ops, name) for name in _OPS[library])
+        return reorder, linear
     except (AttributeError, RuntimeError):
         return None
 
 
 def mkl_packing_available() -> bool:
     """Whether this torch has MKL's packed sgemm (x86 builds): ``mkl::_mkl_linear``."""
-    return _mkl_ops() is not None
-
-
-@cache
-def _onednn_ops() -> tuple[Any, Any] | None:
-    """oneDNN's (reorder, packed linear) ops, or None where this torch has no oneDNN.
-
-    Underscore-named ATen operators like MKL's (inductor emits them for frozen bf16 linears).
-    """
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        ops = torch.ops.mkldnn
-        return ops._reorder_linear_weight, ops._linear_pointwise  # noqa: SLF001
-    except (AttributeError, RuntimeError):
-        return None
+    return _packed_ops("mkl") is not None
 
 
 def onednn_packing_available() -> bool:
     """Whether this torch has oneDNN's prepacked linear: ``mkldnn::_linear_pointwise``."""
-    return _onednn_ops() is not None
+    return _packed_ops("mkldnn") is not None
 
 
 class Bf16PackedLinear:
@@ -98,7 +90,7 @@ class Bf16PackedLinear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int) -> None:
-        pack, self._linear = _onednn_ops()
+        pack, self._linear = _packed_ops("mkldnn")
         self.bias = bias
         self.packed = pack(weight, rows)
 
@@ -114,7 +106,7 @@ class _PackedLinear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, rows: int) -> None:
-        pack, self._linear = _mkl_ops()
+        pack, self._linear = _packed_ops("mkl")
         self.weight, self.bias, self.rows = weight, bias, rows
         self.packed = pack(weight.detach(), rows)
 
