@@ -339,7 +339,8 @@ def runtime_paths(model: QuARIModel, names: list[str], timings: dict) -> dict:
 
 
 def guard_reports(model: QuARIModel, names: list[str], queries, gallery) -> dict:
-    from quari.runtime import build_runtime, quality_guard
+    from quari.runtime import build_runtime
+    from quari.runtime_guard import quality_guard
 
     return {
         name: quality_guard(model, build_runtime(model, name), queries, gallery).to_dict()

@@ -18,14 +18,8 @@ from quari.hypernet.packing import (
     mkl_packing_available,
     onednn_packing_available,
 )
-from quari.runtime import (
-    REQUIRED_AGREEMENT,
-    Runtime,
-    build_runtime,
-    choose_runtime,
-    probe_set,
-    quality_guard,
-)
+from quari.runtime import Runtime, build_runtime, choose_runtime
+from quari.runtime_guard import REQUIRED_AGREEMENT, probe_set, quality_guard
 
 from helpers import tiny_config
 

@@ -23,11 +23,12 @@ name        arithmetic                       what runs
 ``auto``    the fastest that passes          measured here, on this model, per batch size
 =========== ================================ ============================================
 
-Reduced-precision runtimes change the numbers. :func:`quality_guard` measures how much: the
-top-k agreement of the gallery rankings with the fp32 pass and the largest score error.
-``auto`` (:func:`choose_runtime`) admits a reduced-precision runtime only with a top-10
-agreement of at least :data:`REQUIRED_AGREEMENT` on a planted probe set
-(:func:`probe_set`), and only if it is measured faster than ``eager`` on this machine; the
+Reduced-precision runtimes change the numbers. :func:`quari.runtime_guard.quality_guard`
+measures how much: the top-k agreement of the gallery rankings with the fp32 pass and the
+largest score error. ``auto`` (:func:`choose_runtime`) admits a reduced-precision runtime only
+with a top-10 agreement of at least :data:`~quari.runtime_guard.REQUIRED_AGREEMENT` on a
+planted probe set (:func:`~quari.runtime_guard.probe_set`), and only if it is measured faster
+than ``eager`` on this machine; the
 chosen runtime and the measurements are in ``model.runtime_report``. ``fp32`` makes the same
 choice among the exact runtimes only (on our 2-core test CPU ONNX Runtime's batch-1 pass
 measured 0.70–0.92× eager's time from run to run and tied it from batch 32, so ``fp32`` gave
@@ -55,12 +56,10 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,16 +72,15 @@ from quari.hypernet.packing import (
     Bf16PackedLinear,
     onednn_packing_available,
 )
+from quari.runtime_guard import probe_set, quality_guard
 
 if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
 
 __all__ = [
     "CHUNK_ROWS",
-    "REQUIRED_AGREEMENT",
     "RUNTIMES",
     "BatchDispatch",
-    "GuardReport",
     "Runtime",
     "build_runtime",
     "cache_dir",
@@ -91,15 +89,9 @@ __all__ = [
     "chunked",
     "cpu_flags",
     "has_native_bf16",
-    "probe_set",
-    "quality_guard",
 ]
 
 RUNTIMES = ("eager", "compile", "onnx", "bf16", "int8", "fp32", "auto")
-
-#: Top-10 agreement with the fp32 pass that a reduced-precision runtime needs before ``auto``
-#: may choose it.
-REQUIRED_AGREEMENT = 0.99
 
 # How much faster than eager a candidate must measure before ``auto`` takes it (timings on a
 # shared machine wobble by a few per cent).
@@ -454,112 +446,6 @@ def build_runtime(model: QuARIModel, name: str = "eager", **options: Any) -> Run
         raise
 
 
-@dataclass(frozen=True)
-class GuardReport:
-    """How far a runtime's rankings are from the fp32 pass (:func:`quality_guard`).
-
-    Attributes:
-        runtime: The runtime's name.
-        queries: Number of queries compared.
-        gallery: Number of gallery items ranked per query.
-        k: The cut-off.
-        top_k_agreement: Mean over queries of |top-k(fp32) ∩ top-k(runtime)| / k.
-        min_top_k_agreement: The worst query's overlap.
-        max_score_error: Largest |score(runtime) − score(fp32)| over all pairs.
-        passed: ``top_k_agreement`` ≥ the required agreement.
-    """
-
-    runtime: str
-    queries: int
-    gallery: int
-    k: int
-    top_k_agreement: float
-    min_top_k_agreement: float
-    max_score_error: float
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def quality_guard(
-    model: QuARIModel,
-    runtime: Runtime,
-    queries: Any,
-    gallery: Any,
-    *,
-    k: int = 10,
-    required: float = REQUIRED_AGREEMENT,
-) -> GuardReport:
-    """Compares a runtime's rankings with the fp32 eager pass on queries and a gallery.
-
-    Both passes score the whole gallery exactly (:meth:`Adaptation.score`); the report holds
-    the mean and worst top-k overlap and the largest score difference.
-
-    Args:
-        model: The model (its eager pass is the reference).
-        runtime: The runtime to check (built for ``model``).
-        queries: (B, E) query embeddings (normalised here).
-        gallery: (N, E) gallery embeddings, N ≥ k.
-        k: Cut-off of the agreement.
-        required: Agreement needed for ``passed``.
-
-    Returns:
-        A :class:`GuardReport`.
-    """
-    from quari.validation import as_embeddings, check_k
-
-    E = model.embedding_dim
-    q = as_embeddings(queries, E, "queries", normalize=True)
-    d = as_embeddings(gallery, E, "gallery")
-    k = check_k(k)
-    if k > d.shape[0]:
-        raise QuARIInputError(f"the gallery has {d.shape[0]} rows, fewer than k = {k}")
-    with torch.inference_mode():
-        want = model.to_adaptation(*model.predict_factors(q)).score(d)
-        got = model.to_adaptation(*runtime(q)).score(d)
-    top_want = torch.topk(want, k, dim=1).indices.numpy()
-    top_got = torch.topk(got, k, dim=1).indices.numpy()
-    overlap = np.array(
-        [len(np.intersect1d(a, b)) / k for a, b in zip(top_want, top_got, strict=True)]
-    )
-    agreement = float(overlap.mean())
-    return GuardReport(
-        runtime=runtime.name,
-        queries=q.shape[0],
-        gallery=d.shape[0],
-        k=k,
-        top_k_agreement=agreement,
-        min_top_k_agreement=float(overlap.min()),
-        max_score_error=float((got - want).abs().max()),
-        passed=agreement >= required,
-    )
-
-
-def probe_set(dim: int, *, queries: int = 64, gallery: int = 2000, seed: int = 0):
-    """Planted caption queries and an image gallery of dimension ``dim`` (the guard's probe).
-
-    Clusters of images whose identity lives in a cluster-specific subspace
-    (:class:`quari.eval.synthetic.PlantedSpec`), so a gallery has near neighbours whose order
-    depends on small score differences, as real galleries do.
-
-    Returns:
-        (queries (Q, dim), gallery (N, dim)) float32 unit rows.
-    """
-    from quari.eval.synthetic import PlantedSpec, planted_pairs
-
-    cluster_dim = max(2, dim // 12)
-    spec = PlantedSpec(
-        dim=dim,
-        clusters=max(2, gallery // 200),
-        cluster_dim=cluster_dim,
-        subspace_dim=max(1, min(32, (dim - cluster_dim) // 4)),
-        seed=seed,
-    )
-    data = planted_pairs(spec, gallery, seed=seed + 1)
-    return data.texts[:queries], data.images
-
-
 def _median_ms(fn, q: torch.Tensor, repeats: int) -> float:
     fn(q)  # warm-up (first-call allocations)
     times = []
@@ -581,8 +467,9 @@ def choose_runtime(
 ) -> Runtime:
     """``auto`` (and ``fp32``): the fastest runtime on this machine that keeps the fp32 rankings.
 
-    Each candidate is built, checked by :func:`quality_guard` on ``probe`` (reduced precision
-    needs :data:`REQUIRED_AGREEMENT`) and timed against ``eager`` at ``batch_sizes``
+    Each candidate is built, checked by :func:`~quari.runtime_guard.quality_guard` on
+    ``probe`` (reduced precision needs :data:`~quari.runtime_guard.REQUIRED_AGREEMENT`) and
+    timed against ``eager`` at ``batch_sizes``
     (median of ``repeats``, on the probe queries). At each batch size the fastest one wins
     if it is at least 1.1× faster than ``eager`` there (else ``eager``); when the winners
     differ by batch size the result is a :class:`BatchDispatch` over them.
@@ -597,7 +484,8 @@ def choose_runtime(
             named).
         batch_sizes: Batch sizes to time.
         repeats: Timed calls per batch size.
-        probe: (queries, gallery) for the guard (default: :func:`probe_set`).
+        probe: (queries, gallery) for the guard (default:
+            :func:`~quari.runtime_guard.probe_set`).
 
     Returns:
         The chosen runtime; ``.report`` holds every candidate's guard and timings, the
