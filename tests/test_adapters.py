@@ -196,9 +196,11 @@ def test_mean_map_of_one_query_scores_that_query_as_the_model_does():
     model = _mean_map_model()
     q = F.normalize(torch.randn(1, model.config.embedding_dim), dim=-1)
     gallery = F.normalize(torch.randn(30, model.config.embedding_dim), dim=-1)
+    model.train()  # averaged in eval mode (no dropout), and handed back as it came
     adapter = LinearAdapter.mean_of(model, q.repeat(3, 1))  # one map, rank r: kept whole
+    assert model.training
     with torch.inference_mode():
-        want = model(q).score(gallery)
+        want = model.eval()(q).score(gallery)
     assert_close(adapter(q).score(gallery), want, atol=1e-5)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -34,6 +34,9 @@ from quari.adaptation import Adaptation
 from quari.errors import CheckpointError, QuARIInputError
 from quari.fileio import atomic_write, read_json
 from quari.validation import as_embeddings
+
+if TYPE_CHECKING:
+    from quari.hypernet import QuARIModel
 
 __all__ = ["LINEAR_FORMAT", "CosineAdapter", "LinearAdapter", "QueryAdapter", "adapter_device"]
 
@@ -164,7 +167,7 @@ class LinearAdapter(torch.nn.Module):
     @classmethod
     def mean_of(
         cls,
-        model: Any,
+        model: QuARIModel,
         queries: Any,
         *,
         rank: int | None = None,
@@ -210,12 +213,17 @@ class LinearAdapter(torch.nn.Module):
         k = adapter.rank
         q = as_embeddings(queries, E, "queries", normalize=True)
         total = torch.zeros(E, E, dtype=torch.float64)
-        with torch.inference_mode():
-            for part in q.split(batch_size):
-                ad = model(part)
-                # Σ_q α U_q V_qᵀ without forming a per-query E×E matrix
-                U = ad.U.double().cpu() * ad.anchor_scale
-                total += torch.einsum("ber,bfr->ef", U, ad.V.double().cpu())
+        was_training = model.training
+        model.eval()  # the maps a search would use: no dropout
+        try:
+            with torch.inference_mode():
+                for part in q.split(batch_size):
+                    ad = model(part)
+                    # Σ_q α U_q V_qᵀ without forming a per-query E×E matrix
+                    U = ad.U.double().cpu() * ad.anchor_scale
+                    total += torch.einsum("ber,bfr->ef", U, ad.V.double().cpu())
+        finally:
+            model.train(was_training)
         mean = total / q.shape[0]
         P, S, Qt = torch.linalg.svd(mean)
         energy = float((S[:k] ** 2).sum() / (S**2).sum().clamp_min(1e-300))

@@ -78,7 +78,7 @@ class Bf16PackedLinear:
     ``rows`` rows.
 
     The same bf16 arithmetic as ``F.linear`` on bf16 tensors (which reorders the weight on
-    every call); other row counts are served too, at the unpacked speed.
+    every call); inputs of other row counts are served too.
 
     Args:
         weight: (out, in) bf16 weight.
