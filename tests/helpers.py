@@ -10,6 +10,7 @@ import torch
 from quari import Adaptation, HyperNetConfig
 from quari.adapters import LinearAdapter
 from quari.eval.synthetic import PlantedSpec, write_planted_set
+from quari.runtime import Runtime
 from quari.training import MiningConfig, TrainConfig, TrainSource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,3 +189,18 @@ def make_set(root, shards=(300, 200, 250), dim=24, seed=0, text=False, encoder="
         tables.append(meta)
         offset += n
     return eset, np.concatenate(stored), pa.concat_tables(tables)
+
+
+class ShuffledRuntime(Runtime):
+    """A deliberately wrong runtime: every query gets the next query's adaptation."""
+
+    name, exact = "shuffled", False
+
+    def __call__(self, q):
+        return tuple(t.roll(1, dims=0) for t in self.model.predict_factors(q))
+
+
+def top10_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over rows of |top-10(a) ∩ top-10(b)| / 10 for two (Q, N) score matrices."""
+    top_a, top_b = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top_a, top_b, strict=True)]))

@@ -19,9 +19,9 @@ from quari.hypernet.packing import (
     onednn_packing_available,
 )
 from quari.runtime import Runtime, build_runtime, choose_runtime
-from quari.runtime_guard import REQUIRED_AGREEMENT, probe_set, quality_guard
+from quari.runtime_guard import probe_set
 
-from helpers import tiny_config
+from helpers import ShuffledRuntime, tiny_config, top10_agreement
 
 # Stated tolerances of the reduced-precision runtimes on the reference fixture (largest score
 # and q′ error against the golden fp32 outputs); measured 1.1e-3 (bf16) and 3.9e-3 (int8).
@@ -49,11 +49,6 @@ def _outputs(model: QuARIModel, golden) -> tuple[np.ndarray, np.ndarray]:
         return ad.refined_query.numpy(), ad.score(golden["gallery"]).numpy()
 
 
-def _top10_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    top_a, top_b = np.argsort(-a, axis=1)[:, :10], np.argsort(-b, axis=1)[:, :10]
-    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(top_a, top_b, strict=True)]))
-
-
 @pytest.mark.parametrize("name", ["eager", "bf16", "int8"])
 def test_runtime_reproduces_the_golden_fixture(fixture_model, golden, name):
     model = copy.deepcopy(fixture_model).set_runtime(name)
@@ -62,7 +57,7 @@ def test_runtime_reproduces_the_golden_fixture(fixture_model, golden, name):
     tol = REDUCED_TOLERANCE.get(name, 1e-5)
     np.testing.assert_allclose(refined, golden["refined_query"], atol=tol)
     np.testing.assert_allclose(scores, golden["scores"], atol=tol)
-    assert _top10_agreement(scores, golden["scores"]) == 1.0
+    assert top10_agreement(scores, golden["scores"]) == 1.0
     if name != "eager":  # reduced precision really ran: not bit-identical to fp32
         assert np.abs(scores - golden["scores"]).max() > 1e-6
 
@@ -207,39 +202,11 @@ def test_copies_run_eagerly_and_bad_names_are_refused(fixture_model):
         model.set_runtime("bf16", colour="red")
 
 
-class _Shuffled(Runtime):
-    """A deliberately wrong runtime: every query gets the next query's adaptation."""
-
-    name, exact = "shuffled", False
-
-    def __call__(self, q):
-        return tuple(t.roll(1, dims=0) for t in self.model.predict_factors(q))
-
-
-def test_quality_guard_measures_agreement_and_score_error(fixture_model):
-    queries, gallery = probe_set(48, queries=16, gallery=300)
-    same = quality_guard(fixture_model, Runtime(fixture_model), queries, gallery)
-    assert (same.top_k_agreement, same.max_score_error, same.passed) == (1.0, 0.0, True)
-    bad = quality_guard(fixture_model, _Shuffled(fixture_model), queries, gallery)
-    # Oracle: the overlaps and errors computed here from the two passes' scores.
-    q = torch.nn.functional.normalize(torch.from_numpy(queries), dim=-1)
-    with torch.inference_mode():
-        want = fixture_model.to_adaptation(*fixture_model.predict_factors(q))
-        want = want.score(gallery).numpy()
-    with torch.inference_mode():
-        got = fixture_model.to_adaptation(*_Shuffled(fixture_model)(q)).score(gallery).numpy()
-    assert bad.top_k_agreement == pytest.approx(_top10_agreement(want, got))
-    assert bad.max_score_error == pytest.approx(np.abs(got - want).max(), rel=1e-6)
-    assert bad.top_k_agreement < REQUIRED_AGREEMENT and not bad.passed
-    with pytest.raises(QuARIInputError, match="fewer than k = 10"):
-        quality_guard(fixture_model, Runtime(fixture_model), queries, gallery[:5])
-
-
 def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model, monkeypatch):
     import quari.runtime as rt
 
     probe = probe_set(48, queries=16, gallery=300)
-    monkeypatch.setitem(rt._BUILDERS, "shuffled", _Shuffled)
+    monkeypatch.setitem(rt._BUILDERS, "shuffled", ShuffledRuntime)
     speed = {"eager": 10.0, "shuffled": 1.0, "bf16": 4.0, "int8": 9.5}
     monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name])
     # The wrong runtime is fastest but fails the guard; int8 passes but gains < 1.1×.
