@@ -73,6 +73,7 @@ from quari.hypernet.packing import (
     onednn_packing_available,
 )
 from quari.runtime_guard import probe_set, quality_guard
+from quari.validation import as_embeddings
 
 if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
@@ -520,8 +521,6 @@ def choose_runtime(
         eager.report = {**report, "chosen": "eager"}
         return eager
     queries, gallery = probe if probe is not None else probe_set(model.embedding_dim)
-    from quari.validation import as_embeddings
-
     q = as_embeddings(queries, model.embedding_dim, "probe queries", normalize=True)
     batches = {b: q[torch.arange(b) % q.shape[0]] for b in batch_sizes}
     eager = Runtime(model)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from quari.errors import QuARIInputError
+from quari.validation import as_embeddings, check_k
 
 if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
@@ -90,8 +91,6 @@ def quality_guard(
     Returns:
         A :class:`GuardReport`.
     """
-    from quari.validation import as_embeddings, check_k
-
     E = model.embedding_dim
     q = as_embeddings(queries, E, "queries", normalize=True)
     d = as_embeddings(gallery, E, "gallery")
