@@ -5,9 +5,10 @@
 =========== ================================ ============================================
 name        arithmetic                       what runs
 =========== ================================ ============================================
-``eager``   fp32 (the default; exact)        PyTorch, the folded inference pass; small
-                                             batches read MKL-prepacked weights
-                                             (``quari.hypernet.packing``)
+``eager``   fp32 (the default; exact)        PyTorch, the folded inference pass, on
+                                             prepacked weights (MKL's at small batches
+                                             on Intel CPUs, oneDNN's elsewhere;
+                                             ``quari.hypernet.packing``)
 ``compile`` fp32 (exact to rounding)         ``torch.compile`` (inductor) of that pass,
                                              one compilation per batch size
 ``onnx``    fp32 (exact to rounding)         ONNX Runtime on the exported pass (extra
@@ -228,7 +229,7 @@ class Bf16Runtime(Runtime):
     q′, U and V come out fp32. The attention runs on the bf16 projections.
 
     Small batches (at most :data:`~quari.hypernet.packing.PACK_MAX_ROWS` token rows) read the
-    copies reordered once per row count by oneDNN, as the fp32 pass reads MKL's packs: at
+    copies reordered once per row count by oneDNN, as the fp32 pass reads its packs: at
     batch 1 the paper-sized reference pass ran ~20 % faster so (docs/results.md, CPU
     runtimes); at larger batches the per-call reorder is amortised and plain ``F.linear``
     measured faster.

@@ -106,7 +106,7 @@ class QuARIModel(nn.Module):
         self.metadata: dict[str, Any] = {}
         self._cuda_graphs: Any = None  # quari.kernels.graphs.GraphedForward when enabled
         self._runtime: Any = None  # a quari.runtime.Runtime other than the eager default
-        self._packs = PackedLinears()  # the eager default's prepacked weights (small batches)
+        self._packs = PackedLinears()  # the eager default's prepacked weights
         E, H, r = config.embedding_dim, config.hidden_dim, config.rank
         paper = config.variant == "paper"
 
@@ -292,9 +292,9 @@ class QuARIModel(nn.Module):
 
     def eager_factors(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`predict_factors` as the default (``eager``) runtime runs it: in eval mode
-        without autograd on a CPU with MKL, small batches read prepacked transformer weights
-        (:class:`~quari.hypernet.packing.PackedLinears`; fp32, equal to rounding); otherwise
-        the plain pass."""
+        without autograd on a CPU, the transformer reads prepacked weights where that pays
+        (:class:`~quari.hypernet.packing.PackedLinears`: MKL's at small batches on Intel
+        CPUs, oneDNN's on others; fp32, equal to rounding); otherwise the plain pass."""
         return self.predict_factors(q, linears=self._packs.linears(self, q))
 
     def _fold_in_training(self) -> bool:
