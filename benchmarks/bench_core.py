@@ -6,8 +6,9 @@ Measures, on this machine and in one run (so the ratios compare like with like):
   batch 1 / 32 / 256 for each torch thread count, and which count is fastest;
 * the CPU runtimes of the hypernetwork (``quari.runtime``) side by side, for both variants:
   the pass before the fold (``transformer_factors``: ``nn.TransformerEncoder`` over
-  [ctx; U; V]) beside ``eager`` (the default: folded, MKL-prepacked weights at small batches),
-  the same pass with unpacked weights, ``compile``, ``onnx``, ``bf16`` and ``int8``
+  [ctx; U; V]) beside ``eager`` (the default: folded, prepacked weights — MKL's on Intel CPUs
+  at small batches, oneDNN's elsewhere), the same pass with the other library's packs and with
+  unpacked weights, ``compile``, ``onnx``, ``bf16`` and ``int8``
   (and the reference implementation with ``--reference-code``), in ms per query at batch
   1 / 32 / 256 and end to end with a re-rank of 1,000 candidates; this CPU's fp32 / bf16
   GEMM rate and the FLOP floor; each reduced-precision runtime's quality guard (top-10
@@ -235,6 +236,7 @@ def bench_rerank(E: int, r: int, M: int, batches: list[int], repeats: int) -> li
 # -- CPU runtimes of the hypernetwork ----------------------------------------------------------
 BEFORE = "before (nn.TransformerEncoder)"
 UNPACKED = "eager, unpacked weights"
+OTHER_PACKS = "eager, {} packs"  # the packing library the default does not pick on this CPU
 REFERENCE_IMPL = "reference implementation"
 
 
@@ -321,11 +323,19 @@ def reference_rerank(ref, q, vecs, k: int = 100):
 
 def runtime_paths(model: QuARIModel, names: list[str], timings: dict) -> dict:
     """name → callable(q) → (q′, U, V); ``timings[name]["build_s"]`` gets each build time."""
+    from quari.hypernet import packing
     from quari.runtime import build_runtime
 
-    # The default pass without MKL's prepacked weights (what eager was before packing).
+    # The default pass without prepacked weights (what eager was before packing), and with
+    # the library the default passes over on this CPU.
     paths = {BEFORE: model.transformer_factors, UNPACKED: model.predict_factors}
     timings[UNPACKED] = {}
+    other = "mkldnn" if packing.fp32_pack_library() == "mkl" else "mkl"
+    available = {"mkl": packing.mkl_packing_available, "mkldnn": packing.onednn_packing_available}
+    if available[other]():
+        packs, name = packing.PackedLinears(other), OTHER_PACKS.format(other)
+        paths[name] = lambda q: model.predict_factors(q, linears=packs.linears(model, q))
+        timings[name] = {}
     for name in names:
         start = time.perf_counter()
         try:
