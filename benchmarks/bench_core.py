@@ -249,9 +249,12 @@ def gemm_rates(n: int = 2048, repeats: int = 5) -> dict:
 
 
 def gemm_probes(n: int) -> dict[str, Callable[[], object]]:
-    """n×n×n matrix products in fp32 and bf16, as jobs for :func:`interleaved_ms`."""
+    """n×n×n matrix products in fp32 and (where the CPU has bf16 instructions) bf16, as jobs
+    for :func:`interleaved_ms`."""
+    from quari.runtime import has_native_bf16
+
     jobs = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16)[: 2 if has_native_bf16() else 1]:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         jobs[str(dtype).removeprefix("torch.")] = functools.partial(torch.mm, a, b)
     return jobs
@@ -412,7 +415,7 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
         "flops_per_query": flops,
         "flops_per_query_unfolded": flops_per_query(cfg, False),
         "floor_ms_fp32": flops / gemm["float32"] / 1e6,
-        "floor_ms_bf16": flops / gemm["bfloat16"] / 1e6,
+        "floor_ms_bf16": flops / gemm["bfloat16"] / 1e6 if "bfloat16" in gemm else None,
         "paths": timings,
     }
     print(f"  {cfg.variant}: {flops / 1e9:.2f} GFLOP/query, floor {entry['floor_ms_fp32']:.1f} ms")
@@ -465,7 +468,8 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
     quick = E < 768
     spec = PlantedSpec(dim=E, cluster_dim=8, subspace_dim=4) if quick else planted_768()
     data = planted_pairs(spec, 2000 if quick else 20000, seed=1000)
-    entry["planted_guard"] = guard_reports(model, ["bf16", "int8"], data.texts[:256], data.images)
+    reduced = [n for n in ("bf16", "int8") if n in names]
+    entry["planted_guard"] = guard_reports(model, reduced, data.texts[:256], data.images)
     entry["auto"] = choose_runtime(model).report
     entry["fp32"] = choose_runtime(model, exact=True).report
     return entry
@@ -474,8 +478,11 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
 def bench_runtimes(args, quick: bool) -> dict:
     """The runtime section: see the module docstring."""
     from quari.checkpoint import load_reference
+    from quari.runtime import has_native_bf16
 
-    names = ["eager", "onnx", "bf16", "int8"] + ([] if args.skip_compile else ["compile"])
+    names = ["eager", "onnx", "int8"] + ([] if args.skip_compile else ["compile"])
+    if has_native_bf16():  # emulated bf16 runs ~100× slower: `auto` never tries it there
+        names.insert(2, "bf16")
     plan = {
         "batches": [1, 4] if quick else [1, 32, 256],
         "rerank_batches": [1, 4] if quick else [1, 32],
@@ -489,10 +496,13 @@ def bench_runtimes(args, quick: bool) -> dict:
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "official-small"
     golden = np.load(fixture / "golden.npz")
     out["golden_guard"] = guard_reports(
-        load_reference(fixture), ["bf16", "int8"], golden["queries"], golden["gallery"]
+        load_reference(fixture),
+        [n for n in ("bf16", "int8") if n in names],
+        golden["queries"],
+        golden["gallery"],
     )
     out["variants"] = {}
-    for variant in ("reference", "paper"):
+    for variant in args.variants.split(","):
         if quick:
             cfg = HyperNetConfig(64, rank=8, hidden_dim=32, num_heads=4, variant=variant)
         else:
@@ -526,7 +536,8 @@ def print_runtime_tables(section: dict) -> None:
         print(
             f"{variant}: {entry['flops_per_query'] / 1e9:.2f} GFLOP/query (unfolded "
             f"{entry['flops_per_query_unfolded'] / 1e9:.2f}); floor {entry['floor_ms_fp32']:.1f} "
-            f"ms fp32, {entry['floor_ms_bf16']:.1f} ms bf16; auto → {entry['auto']['chosen']}; "
+            f"ms fp32, {entry['floor_ms_bf16'] or float('nan'):.1f} ms bf16; "
+            f"auto → {entry['auto']['chosen']}; "
             f"fp32 → {entry['fp32']['chosen']}"
         )
         guards = [("planted", g) for g in entry["planted_guard"].values()]
@@ -558,6 +569,9 @@ def main() -> None:
         "--reference-code", type=Path, help="a checkout of the reference implementation"
     )
     parser.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument(
+        "--variants", default="reference,paper", help="runtimes section: hypernetwork variants"
+    )
     parser.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
     parser.add_argument(
         "--clock",
