@@ -105,7 +105,7 @@ def fp32_pack_library() -> str | None:
 
     MKL's packed sgemm on Intel CPUs; oneDNN's prepacked linear on every other CPU, where
     MKL runs slower kernels (a 2-core AMD EPYC: the paper-sized reference pass at batch 1
-    1.33× faster through oneDNN than through MKL's packs, docs/results.md); None where this
+    1.27–1.36× faster through oneDNN than through MKL's packs, docs/results.md); None where this
     torch has neither. The environment variable ``QUARI_FP32_PACKS`` (``mkl``, ``mkldnn``
     or ``off``) overrides the choice; a library this torch lacks counts as ``off``.
 
