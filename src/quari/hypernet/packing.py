@@ -183,9 +183,9 @@ class PackedLinears:
     (``cblas_sgemm_pack``) packs per row count: a set is made the first time a row count of
     at most :data:`PACK_MAX_ROWS` is seen (~30 ms for the paper-sized model) and at most
     :data:`PACK_SETS` are kept. oneDNN's one set serves every batch (its key is None), for
-    transformers at least :data:`ONEDNN_MIN_WIDTH` wide. All
-    are dropped when any weight changes (its data pointer or in-place version counter) or
-    the model is moved, cast, trained or reloaded.
+    transformers at least :data:`ONEDNN_MIN_WIDTH` wide. All are dropped when any weight
+    changes (its data pointer or in-place version counter) or the model is moved, cast,
+    trained or reloaded.
 
     Args:
         library: ``"mkl"`` or ``"mkldnn"`` to insist on one (a benchmark's side-by-side);
@@ -227,9 +227,9 @@ class PackedLinears:
             q.requires_grad or any(p.requires_grad for p in model.parameters())
         ):
             return None  # the packed op has no backward
-        library = self.library or fp32_pack_library()
+        library = fp32_pack_library() if self.library is None else self.library
         if library is not None and _packed_ops(library) is None:
-            library = None
+            library = None  # an insisted-on library this torch lacks
         rows = q.shape[0] * model.inference_tokens if library == "mkl" else None
         if library is None or (rows is not None and rows > PACK_MAX_ROWS):
             return None
