@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from quari.errors import QuARIInputError
 from quari.store import EmbeddingSet, StoreError
 from quari.training.mining import (
     MiningConfig,
     StaleMiningError,
     load_semipositives,
     mine_semipositives,
+    mining_device,
     mining_status,
 )
 
@@ -40,10 +43,15 @@ def cos_of(stored: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.einsum("ne,nke->nk", x[rows], x[ids])
 
 
-def test_exact_mining_matches_brute_force(tmp_path):
+#: Where exact mining searches: FAISS on the CPU, and the torch path (a GPU's) run on the CPU.
+SEARCHES = pytest.mark.parametrize("device", [None, "cpu"], ids=["faiss", "torch"])
+
+
+@SEARCHES
+def test_exact_mining_matches_brute_force(tmp_path, device):
     eset, stored, _ = make_set(tmp_path / "s", shards=(120, 80, 60), dim=16, seed=4)
     cfg = MiningConfig(k=12, keep=2, chunk_rows=50)
-    semi = mine_semipositives(eset, cfg, progress=False)
+    semi = mine_semipositives(eset, cfg, progress=False, device=device)
     want_sims, want_w = brute_force(stored, cfg.k, cfg.keep, cfg.temperature)
     rows = np.arange(len(stored))
     np.testing.assert_allclose(cos_of(stored, rows, semi.ids), want_sims, atol=1e-5)
@@ -73,7 +81,8 @@ def test_large_sets_default_to_ivf():
     assert cfg.factory_for(1_000_000).startswith("IVF") and cfg.factory_for(10**6).endswith(",Flat")
 
 
-def test_duplicates_never_become_semipositives(tmp_path):
+@SEARCHES
+def test_duplicates_never_become_semipositives(tmp_path, device):
     """A caption set stores each image once per caption: neighbours are distinct images."""
     rng = np.random.default_rng(0)
     images = rng.standard_normal((40, 16))
@@ -81,7 +90,7 @@ def test_duplicates_never_become_semipositives(tmp_path):
     eset = EmbeddingSet.create(tmp_path / "s", dim=16, encoder="t")
     eset.append(repeated[:120])
     eset.append(repeated[120:])
-    semi = mine_semipositives(eset, MiningConfig(k=10), progress=False)
+    semi = mine_semipositives(eset, MiningConfig(k=10), progress=False, device=device)
     stored = eset.gather(np.arange(eset.rows))
     image_of = np.arange(200) // 5
     assert (image_of[semi.ids] != image_of[:, None]).all()  # never the row's own image
@@ -94,13 +103,41 @@ def test_duplicates_never_become_semipositives(tmp_path):
     np.testing.assert_allclose(semi.weights, want_w, atol=1e-5)
 
 
-def test_small_sets_pad_with_minus_one(tmp_path):
+@SEARCHES
+def test_small_sets_pad_with_minus_one(tmp_path, device):
     eset = EmbeddingSet.create(tmp_path / "s", dim=8, encoder="t")
     eset.append(np.random.default_rng(1).standard_normal((2, 8)))
-    semi = mine_semipositives(eset, MiningConfig(k=5), progress=False)
+    semi = mine_semipositives(eset, MiningConfig(k=5), progress=False, device=device)
     assert semi.ids.tolist() == [[1, -1], [0, -1]]
     np.testing.assert_allclose(semi.weights[:, 0], 1.0)  # the only neighbour takes all mass
     assert (semi.weights[:, 1] == 0).all()
+
+
+def test_mining_runs_on_a_gpu_only_when_exact(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert mining_device("Flat") == "cuda"
+    assert mining_device("IVF256,Flat") is None  # FAISS's IVF on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mining_device("Flat") is None
+
+
+def test_torch_mining_refuses_an_approximate_factory(tmp_path):
+    eset, _, _ = make_set(tmp_path / "s", shards=(50,), dim=8, seed=2)
+    with pytest.raises(QuARIInputError, match="torch mining is exact"):
+        mine_semipositives(
+            eset, MiningConfig(k=5, factory="IVF4,Flat"), progress=False, device="cpu"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mining_equals_faiss(tmp_path):
+    on_cpu, _, _ = make_set(tmp_path / "cpu", shards=(300, 200), dim=32, seed=6)
+    on_gpu, _, _ = make_set(tmp_path / "gpu", shards=(300, 200), dim=32, seed=6)
+    cpu = mine_semipositives(on_cpu, MiningConfig(k=20), progress=False, device=None)
+    gpu = mine_semipositives(on_gpu, MiningConfig(k=20), progress=False)  # "auto": CUDA
+    np.testing.assert_array_equal(gpu.ids, cpu.ids)
+    np.testing.assert_allclose(gpu.weights, cpu.weights, atol=1e-5)
 
 
 def test_resume_skips_written_shards(tmp_path, monkeypatch):
@@ -157,3 +194,15 @@ def test_bad_configs():
         MiningConfig(k=2, keep=3)
     with pytest.raises(ValueError, match="temperature"):
         MiningConfig(temperature=0)
+
+
+def test_torch_mining_splits_its_score_matrix(tmp_path, monkeypatch):
+    """Chunks of targets are scored a few rows at a time when the set is wide (GPU memory)."""
+    from quari.training import mining
+
+    eset, stored, _ = make_set(tmp_path / "s", shards=(90,), dim=16, seed=7)
+    monkeypatch.setattr(mining._TorchFlatSearch, "MAX_SCORES", 200)  # 2 rows × 90 at a time
+    semi = mine_semipositives(eset, MiningConfig(k=8), progress=False, device="cpu")
+    want_sims, want_w = brute_force(stored, 8, 2, 0.07)
+    np.testing.assert_allclose(cos_of(stored, np.arange(90), semi.ids), want_sims, atol=1e-5)
+    np.testing.assert_allclose(semi.weights, want_w, atol=1e-5)

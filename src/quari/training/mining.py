@@ -24,6 +24,12 @@ shards already written)::
 
 A manifest whose parameters or fingerprint differ from the current run is *stale*:
 :func:`load_semipositives` refuses it and :func:`mine_semipositives` asks for ``overwrite``.
+
+Where a CUDA device is present, exact (``Flat``) mining runs on it: the distinct rows held on
+the GPU, one matrix product and top-k per chunk of targets — the same neighbours as FAISS's
+CPU ``Flat`` (up to the order of near-ties). Exact mining of 100,000 images is ≈ 15 TFLOP:
+145 s on two CPU cores, and three such sets in parallel took 248 s of a GPU machine's 16 CPU
+cores — CPU time a GPU run waited on; a GPU's fp32 rate puts it at seconds (not yet timed).
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from quari import __version__
 from quari.errors import QuARIInputError, StoreError
 from quari.fileio import atomic_write, read_json
 from quari.index.faiss import build_faiss, faiss_search
+from quari.kernels.scan import select_topk
 from quari.store import EmbeddingSet
 
 if TYPE_CHECKING:
@@ -52,6 +60,7 @@ __all__ = [
     "StaleMiningError",
     "load_semipositives",
     "mine_semipositives",
+    "mining_device",
     "mining_status",
 ]
 
@@ -237,6 +246,48 @@ def _build_index(
     )
 
 
+class _FaissSearch:
+    """Neighbour search through a FAISS index: ``search(queries, k) -> (sims, positions)``."""
+
+    def __init__(self, index: faiss.Index, nprobe: int) -> None:
+        self.index, self.nprobe = index, nprobe
+        self.ntotal = int(index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss_search(self.index, queries, k, nprobe=self.nprobe)
+
+
+class _TorchFlatSearch:
+    """Exact inner-product search over the unit-normalised ``distinct`` rows on ``device``
+    (what FAISS's ``Flat`` computes, as one matrix product and top-k per query chunk)."""
+
+    def __init__(
+        self, eset: EmbeddingSet, distinct: np.ndarray, config: MiningConfig, device: str
+    ) -> None:
+        self.device = torch.device(device)
+        self.ntotal = int(distinct.size)
+        self.base = torch.empty((self.ntotal, eset.dim), dtype=torch.float32, device=self.device)
+        for start, chunk in eset.iter_gathered(distinct, config.chunk_rows):
+            unit = torch.from_numpy(_unit_rows(chunk))
+            self.base[start : start + unit.shape[0]] = unit.to(self.device)
+
+    #: Scores held at once (fp32: 1 GiB), whatever the chunk and set sizes.
+    MAX_SCORES = 1 << 28
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        step = max(1, self.MAX_SCORES // self.ntotal)
+        parts = [select_topk(q[i : i + step] @ self.base.T, k) for i in range(0, len(q), step)]
+        sims, pos = (torch.cat(column) for column in zip(*parts, strict=True))
+        return sims.cpu().numpy(), pos.cpu().numpy()
+
+
+def mining_device(factory: str) -> str | None:
+    """The torch device exact mining runs on: ``"cuda"`` for a ``Flat`` factory where CUDA is
+    available, else None (FAISS on the CPU)."""
+    return "cuda" if factory == "Flat" and torch.cuda.is_available() else None
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     """fp32, L2-normalised rows (so inner products are cosines; zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -265,7 +316,7 @@ def _select(
 
 
 def _search_distinct(
-    index: faiss.Index,
+    index: _FaissSearch | _TorchFlatSearch,
     distinct: np.ndarray,
     queries: np.ndarray,
     rows: np.ndarray,
@@ -274,9 +325,9 @@ def _search_distinct(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Searches k + 1 + ``extra`` neighbours (room for self and near-duplicates); rows left
     with fewer than k distinct neighbours are searched again with 4× the room."""
-    total = int(index.ntotal)
+    total = index.ntotal
     k = min(total, config.k + 1 + extra)
-    sims, pos = faiss_search(index, queries, k, nprobe=config.nprobe)
+    sims, pos = index.search(queries, k)
     ids = np.where(pos >= 0, distinct[np.maximum(pos, 0)], -1)
     out_ids, out_w, left = _select(rows, sims, ids, config)
     short = left < config.k
@@ -289,7 +340,7 @@ def _search_distinct(
 
 def _mine_shard(
     eset: EmbeddingSet,
-    index: faiss.Index,
+    index: _FaissSearch | _TorchFlatSearch,
     distinct: np.ndarray,
     canonical: np.ndarray,
     rows: np.ndarray,
@@ -314,6 +365,7 @@ def mine_semipositives(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = "auto",
 ) -> SemiPositives:
     """Mines (or resumes mining) the semi-positives of every row and saves them beside the set.
 
@@ -326,6 +378,10 @@ def mine_semipositives(
         overwrite: Replace semi-positives mined with other parameters or for an older state
             of the set (otherwise that raises :class:`StaleMiningError`).
         progress: Show progress bars.
+        device: Where the neighbour search runs: ``"auto"`` (a CUDA device for exact
+            mining where one is present, :func:`mining_device`), None (FAISS on the CPU), or
+            a torch device for exact mining there (``"cpu"`` too; the factory must be
+            ``Flat``).
 
     Returns:
         The :class:`SemiPositives` of all rows.
@@ -360,7 +416,16 @@ def mine_semipositives(
     if todo:
         canonical = _canonical_rows(eset, config.chunk_rows)
         distinct = np.flatnonzero(canonical == np.arange(eset.rows))
-        index = _build_index(eset, distinct, config, progress)
+        device = mining_device(config.factory_for(eset.rows)) if device == "auto" else device
+        if device is None:
+            index = _FaissSearch(_build_index(eset, distinct, config, progress), config.nprobe)
+        else:
+            if config.factory_for(eset.rows) != "Flat":
+                raise QuARIInputError(
+                    f"device={device!r}: torch mining is exact (factory Flat); this set mines "
+                    f"with {config.factory_for(eset.rows)!r} — leave device to 'auto'"
+                )
+            index = _TorchFlatSearch(eset, distinct, config, device)
         bar = tqdm(total=sum(s.rows for s in todo), unit="rows", desc="mine", disable=not progress)
         for shard in todo:
             rows = np.arange(shard.offset, shard.offset + shard.rows, dtype=np.int64)
