@@ -7,9 +7,10 @@ the training set (``write_planted_set``, seed 1 — the benchmark's gallery uses
 mines its semi-positives and trains with :func:`quari.training.train`, stopping at
 ``--max-steps`` or after ``--seconds`` of training, whichever comes first. Validation ranks
 held-out images (whole images are held out) for their own captions, beside plain cosine.
-``--data`` may be given several times: each is one draw (seed 1, 2, … in order; several
-draws are written and mined by separate processes, the way to make ≥ 500,000 pairs quickly on
-a many-core machine), trained on as one mixture.
+``--data`` may be given several times: each is one draw (seed 1, 2, … in order; missing
+draws and the gallery are written by parallel processes, the way to make ≥ 300,000 images
+quickly on a many-core machine), trained on as one mixture (semi-positives are mined per
+draw, on the GPU where there is one).
 
 With ``--gallery N`` the exported model is also measured where ``bench_search.py --dataset
 planted`` measures it: a held-out gallery of N images (draw seed ``--gallery-seed``, never a

@@ -261,6 +261,9 @@ class _TorchFlatSearch:
     """Exact inner-product search over the unit-normalised ``distinct`` rows on ``device``
     (what FAISS's ``Flat`` computes, as one matrix product and top-k per query chunk)."""
 
+    #: Scores held at once (fp32: 1 GiB), whatever the chunk and set sizes.
+    MAX_SCORES = 1 << 28
+
     def __init__(
         self, eset: EmbeddingSet, distinct: np.ndarray, config: MiningConfig, device: str
     ) -> None:
@@ -270,9 +273,6 @@ class _TorchFlatSearch:
         for start, chunk in eset.iter_gathered(distinct, config.chunk_rows):
             unit = torch.from_numpy(_unit_rows(chunk))
             self.base[start : start + unit.shape[0]] = unit.to(self.device)
-
-    #: Scores held at once (fp32: 1 GiB), whatever the chunk and set sizes.
-    MAX_SCORES = 1 << 28
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
