@@ -398,6 +398,14 @@ def mine_semipositives(
     config = config or MiningConfig()
     if eset.rows < 2:
         raise StoreError(f"{eset.root}: needs at least 2 rows to mine neighbours")
+    factory = config.factory_for(eset.rows)
+    if device == "auto":
+        device = mining_device(factory)
+    elif device is not None and factory != "Flat":
+        raise QuARIInputError(
+            f"device={device!r}: torch mining is exact (factory Flat); this set mines with "
+            f"{factory!r} — leave device to 'auto'"
+        )
     wanted = _manifest(eset, config)
     found = _read_manifest(eset)
     if found is not None and (reason := _stale_reason(found, wanted)):
@@ -416,15 +424,9 @@ def mine_semipositives(
     if todo:
         canonical = _canonical_rows(eset, config.chunk_rows)
         distinct = np.flatnonzero(canonical == np.arange(eset.rows))
-        device = mining_device(config.factory_for(eset.rows)) if device == "auto" else device
         if device is None:
             index = _FaissSearch(_build_index(eset, distinct, config, progress), config.nprobe)
         else:
-            if config.factory_for(eset.rows) != "Flat":
-                raise QuARIInputError(
-                    f"device={device!r}: torch mining is exact (factory Flat); this set mines "
-                    f"with {config.factory_for(eset.rows)!r} — leave device to 'auto'"
-                )
             index = _TorchFlatSearch(eset, distinct, config, device)
         bar = tqdm(total=sum(s.rows for s in todo), unit="rows", desc="mine", disable=not progress)
         for shard in todo:
