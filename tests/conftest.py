@@ -18,6 +18,13 @@ if not torch.cuda.is_available():
 from helpers import FIXTURE
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache_dir(tmp_path_factory):
+    """Exports and kept runtime choices go to a folder of the test run, never ~/.cache."""
+    if "QUARI_CACHE_DIR" not in os.environ:
+        os.environ["QUARI_CACHE_DIR"] = str(tmp_path_factory.mktemp("quari-cache"))
+
+
 @pytest.fixture
 def fixture_dir() -> Path:
     if not (FIXTURE / "golden.npz").is_file():

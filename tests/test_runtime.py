@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
@@ -222,7 +223,7 @@ def test_auto_keeps_eager_unless_a_candidate_passes_and_is_faster(fixture_model,
     probe = probe_set(48, queries=16, gallery=300)
     monkeypatch.setitem(rt._BUILDERS, "shuffled", ShuffledRuntime)
     speed = {"eager": 10.0, "shuffled": 1.0, "bf16": 4.0, "int8": 9.5}
-    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name])
+    monkeypatch.setattr(rt, "_time_runtimes", lambda rts, q, repeats: {n: speed[n] for n in rts})
     # The wrong runtime is fastest but fails the guard; int8 passes but gains < 1.1×.
     chosen = choose_runtime(fixture_model, candidates=("shuffled", "int8", "bf16"), probe=probe)
     assert chosen.name == "bf16"
@@ -242,7 +243,9 @@ def test_auto_picks_per_batch_size_when_the_winners_differ(fixture_model, monkey
     probe = probe_set(48, queries=16, gallery=300)
     # bf16 loses at batch 1 and wins at 32 (as in one bench_core run on our test CPU).
     speed = {("eager", 1): 10.0, ("bf16", 1): 13.0, ("eager", 32): 8.0, ("bf16", 32): 2.0}
-    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name, len(q)])
+    monkeypatch.setattr(
+        rt, "_time_runtimes", lambda rts, q, repeats: {n: speed[n, len(q)] for n in rts}
+    )
     model = copy.deepcopy(fixture_model)
     model.set_runtime("auto", candidates=("bf16",), probe=probe)
     assert model.runtime == "eager+bf16"
@@ -278,7 +281,7 @@ def test_fp32_chooses_among_exact_runtimes_only(fixture_model, monkeypatch):
         monkeypatch.setitem(rt._BUILDERS, name, type(name, (Runtime,), {
             "exact": False, "__init__": lambda self, model: built.append(model)}))  # fmt: skip
     speed = {"eager": 10.0, "fastexact": 5.0}
-    monkeypatch.setattr(rt, "_median_ms", lambda fn, q, repeats: speed[fn.name])
+    monkeypatch.setattr(rt, "_time_runtimes", lambda rts, q, repeats: {n: speed[n] for n in rts})
     model = copy.deepcopy(fixture_model)
     model.set_runtime("fp32", candidates=("bf16", "fastexact", "int8"), probe=probe)
     assert model.runtime == "fastexact" and built == []
@@ -287,7 +290,7 @@ def test_fp32_chooses_among_exact_runtimes_only(fixture_model, monkeypatch):
     assert "reduced precision" in report["candidates"]["bf16"]["error"]
     assert report["candidates"]["fastexact"]["speedup"] == pytest.approx(2.0)
     # No exact candidate besides eager: eager at once, nothing timed.
-    monkeypatch.setattr(rt, "_median_ms", lambda *a: pytest.fail("timed for nothing"))
+    monkeypatch.setattr(rt, "_time_runtimes", lambda *a: pytest.fail("timed for nothing"))
     model.set_runtime("fp32", candidates=("int8",), probe=probe)
     assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
 
@@ -314,6 +317,74 @@ def test_fp32_tries_onnx_where_installed(fixture_model, monkeypatch):
     assert seen == [fixture_model] and list(report["candidates"]) == ["onnx"]
     assert report["candidates"]["onnx"]["error"] == "RuntimeError: export failed"
     assert report["chosen"] == "eager"
+
+
+def test_the_choice_is_kept_on_disk_and_reused(fixture_model, monkeypatch, tmp_path):
+    import quari.runtime as rt
+
+    monkeypatch.setenv("QUARI_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(rt._BUILDERS, "fastexact", _FastExact)
+    timed = []
+
+    def fake_timing(runtimes, q, repeats):
+        timed.append(len(q))
+        return {n: {"eager": 10.0, "fastexact": 5.0}[n] for n in runtimes}
+
+    monkeypatch.setattr(rt, "_time_runtimes", fake_timing)
+    model = copy.deepcopy(fixture_model)
+    first = rt.choose_runtime(model, exact=True, candidates=("fastexact",))
+    assert first.name == "fastexact" and timed == [1, 32] and "cached" not in first.report
+    kept = list((tmp_path / "runtime").glob("*.json"))
+    assert len(kept) == 1
+    # The next start on this machine: the same choice, rebuilt, nothing measured.
+    again = rt.choose_runtime(model, exact=True, candidates=("fastexact",))
+    assert again.name == "fastexact" and timed == [1, 32]
+    assert again.report["cached"] == str(kept[0]) and again.report["by_batch"] == {
+        1: "fastexact",
+        32: "fastexact",
+    }
+    # Anything that can change the choice measures anew: other weights, another thread count.
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    rt.choose_runtime(model, exact=True, candidates=("fastexact",))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        rt.choose_runtime(model, exact=True, candidates=("fastexact",))
+    finally:
+        torch.set_num_threads(before)
+    assert timed == [1, 32] * 3 and len(list((tmp_path / "runtime").glob("*.json"))) == 3
+    # A damaged file is measured over (and said so), then replaced; cache=False never reads.
+    kept[0].write_text('{"by_batch": ')
+    with pytest.warns(UserWarning, match="unreadable kept runtime choice"):
+        model = copy.deepcopy(fixture_model)
+        assert rt.choose_runtime(model, exact=True, candidates=("fastexact",)).name == "fastexact"
+    assert timed == [1, 32] * 4 and json.loads(kept[0].read_text())["chosen"] == "fastexact"
+    rt.choose_runtime(model, exact=True, candidates=("fastexact",), cache=False)
+    assert timed == [1, 32] * 5
+
+
+def test_timing_rounds_interleave_the_runtimes(monkeypatch):
+    import quari.runtime as rt
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, q):
+            calls.append(self.name)
+
+    runtimes = {"a": Fake("a"), "b": Fake("b")}
+    ms = rt._time_runtimes(runtimes, torch.zeros(1, 4), repeats=3)
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    # a warm-up round, then rounds of a-then-b: a quick runtime gets the most rounds
+    assert calls == ["a", "b"] * (rt.MAX_ROUNDS + 1)
+    calls.clear()
+    monkeypatch.setattr(rt, "TIMING_BUDGET_S", 0.0)
+    rt._time_runtimes(runtimes, torch.zeros(1, 4), repeats=3)
+    assert calls == ["a", "b"] * 4  # never fewer than `repeats`
 
 
 @pytest.mark.parametrize("name", ["eager", "bf16"])

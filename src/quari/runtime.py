@@ -19,8 +19,8 @@ name        arithmetic                       what runs
                                              stay fp32 (pays on CPUs with AVX512-BF16 / AMX)
 ``int8``    int8 transformer GEMMs           PyTorch's dynamic int8 quantisation of the
                                              transformer's linear maps (fbgemm / x86)
-``fp32``    fp32 (exact to rounding)         the faster of ``eager`` and ``onnx``, measured
-                                             here
+``fp32``    fp32 (exact to rounding)         the faster of ``eager`` and ``onnx`` per batch
+                                             size, measured here (``quari serve``'s default)
 ``auto``    the fastest that passes          measured here, on this model, per batch size
 =========== ================================ ============================================
 
@@ -31,9 +31,10 @@ with a top-10 agreement of at least :data:`~quari.runtime_guard.REQUIRED_AGREEME
 planted probe set (:func:`~quari.runtime_guard.probe_set`), and only if it is measured faster
 than ``eager`` on this machine; the
 chosen runtime and the measurements are in ``model.runtime_report``. ``fp32`` makes the same
-choice among the exact runtimes only (on our 2-core test CPU ONNX Runtime's batch-1 pass
-measured 0.70–0.92× eager's time from run to run and tied it from batch 32, so ``fp32`` gave
-``onnx+eager`` or plain ``eager``; docs/results.md, CPU runtimes).
+choice among the exact runtimes only (on our 2-core test CPUs ONNX Runtime's batch-1 pass
+measured 0.70–0.92× eager's time from run to run, and tied it or won from batch 32, so
+``fp32`` gave ``onnx+eager``, ``onnx`` or plain ``eager``; docs/results.md, CPU runtimes).
+Both keep their choice on disk (:func:`choose_runtime`): a model measures once per machine.
 
 Runtimes other than ``eager`` hold converted or exported copies of the weights, taken when
 the runtime is built. The model drops them (back to ``eager``) when it is moved or cast, put
@@ -90,6 +91,7 @@ __all__ = [
     "chunk_size",
     "chunked",
     "cpu_flags",
+    "cpu_model",
     "has_native_bf16",
 ]
 
@@ -111,6 +113,21 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@cache
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor()
+    for line in text.splitlines():
+        if line.startswith(("model name", "Hardware")):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def has_native_bf16() -> bool:
@@ -448,16 +465,6 @@ def build_runtime(model: QuARIModel, name: str = "eager", **options: Any) -> Run
         raise
 
 
-def _median_ms(fn, q: torch.Tensor, repeats: int) -> float:
-    fn(q)  # warm-up (first-call allocations)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(q)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def choose_runtime(
     model: QuARIModel,
     *,
@@ -466,15 +473,24 @@ def choose_runtime(
     batch_sizes: tuple[int, ...] = (1, 32),
     repeats: int = 3,
     probe: tuple[Any, Any] | None = None,
+    cache: bool = True,
 ) -> Runtime:
     """``auto`` (and ``fp32``): the fastest runtime on this machine that keeps the fp32 rankings.
 
     Each candidate is built, checked by :func:`~quari.runtime_guard.quality_guard` on
     ``probe`` (reduced precision needs :data:`~quari.runtime_guard.REQUIRED_AGREEMENT`) and
-    timed against ``eager`` at ``batch_sizes``
-    (median of ``repeats``, on the probe queries). At each batch size the fastest one wins
-    if it is at least 1.1× faster than ``eager`` there (else ``eager``); when the winners
-    differ by batch size the result is a :class:`BatchDispatch` over them.
+    timed against ``eager`` at ``batch_sizes`` on the probe queries: rounds in which every
+    runtime runs once (so a load change on a shared machine hits all alike), at least
+    ``repeats`` of them and more where a round is quick (about :data:`TIMING_BUDGET_S` per
+    batch size, at most :data:`MAX_ROUNDS`), the median per runtime. At each batch size the
+    fastest one wins if it is at least 1.1× faster than ``eager`` there (else ``eager``);
+    when the winners differ by batch size the result is a :class:`BatchDispatch` over them.
+
+    The choice is kept on disk (``cache_dir()/runtime/<key>.json``, the key covering the
+    model's weights, the candidates, this CPU, the thread count and the library versions), so
+    the next start with the same model on the same machine rebuilds the winners without
+    measuring again (its report then names the file under ``"cached"``); delete the file to
+    measure afresh. A file that cannot be read is measured over.
 
     Args:
         model: The model.
@@ -485,9 +501,10 @@ def choose_runtime(
             where the CPU has bf16 instructions (``compile`` and ``int8`` are only used when
             named).
         batch_sizes: Batch sizes to time.
-        repeats: Timed calls per batch size.
+        repeats: The fewest timing rounds per batch size.
         probe: (queries, gallery) for the guard (default:
             :func:`~quari.runtime_guard.probe_set`).
+        cache: Read and keep the choice on disk (only with the default ``probe``).
 
     Returns:
         The chosen runtime; ``.report`` holds every candidate's guard and timings, the
@@ -521,14 +538,13 @@ def choose_runtime(
         eager = Runtime(model)
         eager.report = {**report, "chosen": "eager"}
         return eager
+    path = _choice_path(model, exact, candidates, batch_sizes) if cache and probe is None else None
+    if path is not None and (kept := _cached_choice(model, path)) is not None:
+        return kept
     queries, gallery = probe if probe is not None else probe_set(model.embedding_dim)
     q = as_embeddings(queries, model.embedding_dim, "probe queries", normalize=True)
     batches = {b: q[torch.arange(b) % q.shape[0]] for b in batch_sizes}
-    eager = Runtime(model)
-    with torch.inference_mode():
-        base = {b: _median_ms(eager, x, repeats) for b, x in batches.items()}
-    report["eager_ms"] = base
-    admitted: dict[str, tuple[Runtime, dict[int, float]]] = {"eager": (eager, base)}
+    admitted: dict[str, Runtime] = {"eager": Runtime(model)}
     for name in candidates:
         if name == "eager":
             continue
@@ -541,28 +557,100 @@ def choose_runtime(
             continue
         guard = quality_guard(model, runtime, queries, gallery)
         entry["guard"] = guard.to_dict()
-        if not runtime.exact and not guard.passed:
-            continue
-        with torch.inference_mode():
-            ms = {b: _median_ms(runtime, x, repeats) for b, x in batches.items()}
-        gain = math.exp(statistics.fmean(math.log(base[b] / ms[b]) for b in batch_sizes))
-        entry.update(ms=ms, speedup=gain)
-        admitted[name] = (runtime, ms)
+        if runtime.exact or guard.passed:
+            admitted[name] = runtime
+    with torch.inference_mode():
+        timed = {b: _time_runtimes(admitted, x, repeats) for b, x in batches.items()}
+    ms = {name: {b: timed[b][name] for b in batch_sizes} for name in admitted}
+    base = report["eager_ms"] = ms["eager"]
+    for name in admitted.keys() - {"eager"}:
+        gain = math.exp(statistics.fmean(math.log(base[b] / ms[name][b]) for b in batch_sizes))
+        report["candidates"][name].update(ms=ms[name], speedup=gain)
     # Per batch size, the fastest admitted runtime if it beats eager by the margin: a runtime
     # can win at batch 32 and lose at batch 1 (bf16 on some CPUs), so none wins everywhere.
     winners = {}
     for b in batch_sizes:
-        name = min(admitted, key=lambda n: admitted[n][1][b])
-        winners[b] = name if base[b] / admitted[name][1][b] >= _MIN_GAIN else "eager"
+        name = min(admitted, key=lambda n: ms[n][b])
+        winners[b] = name if base[b] / ms[name][b] >= _MIN_GAIN else "eager"
     report["by_batch"] = winners
-    names = set(winners.values())
-    best = (
-        admitted[names.pop()][0]
-        if len(names) == 1
-        else BatchDispatch(model, {b: admitted[n][0] for b, n in winners.items()})
-    )
+    best = _dispatch(model, {b: admitted[n] for b, n in winners.items()})
     report["chosen"] = best.name
     best.report = report
+    if path is not None:
+        atomic_write(path, lambda f: f.write(json.dumps(report, indent=1).encode()))
+    return best
+
+
+#: Seconds of timing rounds per batch size that :func:`choose_runtime` aims for, and the
+#: most rounds it runs (batch 1 of the paper-sized model: ~12 rounds of eager + ONNX Runtime).
+TIMING_BUDGET_S, MAX_ROUNDS = 2.0, 25
+
+
+def _time_runtimes(runtimes: dict[str, Runtime], q: torch.Tensor, repeats: int) -> dict:
+    """Median ms per call of each runtime on ``q``, over interleaved rounds (after a warm-up
+    round that also sizes how many rounds fit :data:`TIMING_BUDGET_S`)."""
+    start = time.perf_counter()
+    for runtime in runtimes.values():
+        runtime(q)
+    rounds = min(MAX_ROUNDS, max(repeats, int(TIMING_BUDGET_S / (time.perf_counter() - start))))
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for _ in range(rounds):
+        for name, runtime in runtimes.items():
+            start = time.perf_counter()
+            runtime(q)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def _dispatch(model: QuARIModel, by_batch: dict[int, Runtime]) -> Runtime:
+    """The one runtime that won every batch size, or a :class:`BatchDispatch` over them."""
+    names = {r.name for r in by_batch.values()}
+    return next(iter(by_batch.values())) if len(names) == 1 else BatchDispatch(model, by_batch)
+
+
+def _choice_path(
+    model: QuARIModel, exact: bool, candidates: tuple[str, ...], batch_sizes: tuple[int, ...]
+) -> Path:
+    """Where :func:`choose_runtime` keeps its choice: a file named by everything that can
+    change it — the model (its fingerprint covers config, weights, quari and torch), the
+    candidates and batch sizes, this CPU, the thread count and ONNX Runtime's version."""
+    from importlib import metadata
+
+    try:
+        ort = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:
+        ort = None
+    facts = {
+        "model": model_fingerprint(model),
+        "exact": exact,
+        "candidates": sorted(candidates),
+        "batch_sizes": sorted(batch_sizes),
+        "cpu": cpu_model(),
+        "flags": sorted(cpu_flags()),
+        "threads": torch.get_num_threads(),
+        "onnxruntime": ort,
+    }
+    key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "runtime" / f"{key}.json"
+
+
+def _cached_choice(model: QuARIModel, path: Path) -> Runtime | None:
+    """The runtime a kept choice names, rebuilt; None when there is none or it is unusable."""
+    try:
+        report = json.loads(path.read_text())
+        by_batch = {int(b): n for b, n in report["by_batch"].items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        warnings.warn(f"{path}: unreadable kept runtime choice ({exc}); measuring again",
+                      stacklevel=3)  # fmt: skip
+        return None
+    try:
+        built = {n: build_runtime(model, n) for n in set(by_batch.values())}
+    except Exception:  # e.g. the export cache was cleared and cannot be rebuilt here
+        return None
+    best = _dispatch(model, {b: built[n] for b, n in by_batch.items()})
+    best.report = {**report, "by_batch": by_batch, "cached": str(path)}
     return best
 
 
