@@ -3,6 +3,7 @@ shuts down cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -70,8 +71,9 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("QUARI_CACHE_DIR", str(tmp_path / "cache"))  # the ONNX export's home
     served = make_served(tmp_path)
-    # fp32: eager or ONNX Runtime, whichever measures faster here (the same ranking).
-    model = ["--model", str(served.model_dir), "--runtime", "fp32"]
+    # The default runtime, fp32: eager or ONNX Runtime, whichever measures faster here (the
+    # same ranking), chosen once and kept for the next start.
+    model = ["--model", str(served.model_dir)]
     server = Server([str(served.root), *model, "--request-timeout", "1"])
     try:
         url = server.wait_ready()
@@ -117,6 +119,8 @@ def test_serve_answers_then_stops_cleanly_on_sigterm(tmp_path, monkeypatch):
     out = server.output
     assert "Shutting down" in out and "Application shutdown complete" in out
     assert "Traceback" not in out
+    (kept,) = (tmp_path / "cache" / "runtime").glob("*.json")  # the next start reads it
+    assert json.loads(kept.read_text())["chosen"] == runtime
 
 
 def test_serve_reports_bad_arguments_before_binding(tmp_path):

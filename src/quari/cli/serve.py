@@ -15,7 +15,7 @@ from quari.encoders import EncoderConfig, load_encoder
 from quari.errors import QuARIInputError, missing_extra
 from quari.index import CandidateIndex
 from quari.retriever import Retriever
-from quari.runtime import RUNTIMES
+from quari.runtime import RUNTIMES, cache_dir
 from quari.store import EmbeddingSet
 
 
@@ -38,15 +38,15 @@ def serve(
         ),
     ] = None,
     runtime: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help=f"How the model runs on a CPU, one of {', '.join(RUNTIMES)}: eager (default, "
-            "fp32), onnx (fp32 through ONNX Runtime, extra onnx), fp32 (the faster of those "
-            "two, measured at start-up), bf16/int8 (reduced precision), auto (the fastest "
-            "that passes the quality guard, measured at start-up). docs/results.md, CPU "
-            "runtimes."
+            help=f"How the model runs on a CPU, one of {', '.join(RUNTIMES)}: fp32 (the "
+            "default: the faster of eager and onnx, per batch size, measured once per model "
+            "and machine and kept in the cache folder), eager (PyTorch, fp32), onnx (fp32 "
+            "through ONNX Runtime), bf16/int8 (reduced precision), auto (the fastest that "
+            "passes the quality guard, measured likewise). docs/results.md, CPU runtimes."
         ),
-    ] = "eager",
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = (
         "127.0.0.1"
     ),
@@ -98,24 +98,25 @@ def serve(
     eset = EmbeddingSet.open(set_path)
     index = CandidateIndex.load(eset) if CandidateIndex.exists(eset) else None
     quari_model = load_model(model) if model is not None else None
-    if runtime != "eager":
-        if not hasattr(quari_model, "set_runtime"):
-            raise QuARIInputError(f"--runtime {runtime} needs a QuARI model (--model)")
+    if hasattr(quari_model, "set_runtime"):
+        runtime = runtime or "fp32"
         if runtime in ("fp32", "auto"):
             console.print(
-                f"runtime {runtime}: measuring the candidates (with ONNX Runtime installed, "
-                "the first start with a model exports it: ~15 s for the paper size on 2 "
-                "cores, cached after)",
+                f"runtime {runtime}: choosing by measurement on the first start with this "
+                f"model on this machine (~1 min for the paper size on 2 cores, the ONNX export "
+                f"included), kept in {cache_dir()} for the next",
                 highlight=False,
             )
         quari_model.set_runtime(runtime)
         runtime = quari_model.runtime
+    elif runtime not in (None, "eager"):
+        raise QuARIInputError(f"--runtime {runtime} needs a QuARI model (--model)")
     query_encoder = load_encoder(encoder, EncoderConfig(device=device)) if encoder else None
     retriever = Retriever(eset, quari_model, index, encoder=query_encoder, device=device)
     web = create_app(retriever, settings)
     console.print(
         f"serving {eset.root} ({eset.rows:,} rows) on http://{host}:{port}/ "
-        f"(model: {model or 'none'}{f', runtime {runtime}' if model else ''}, "
+        f"(model: {model or 'none'}{f', runtime {runtime}' if model and runtime else ''}, "
         f"encoder: {encoder or 'none'}, index: "
         f"{index.spec if index is not None else 'none'})",
         highlight=False,
