@@ -339,6 +339,7 @@ def test_the_choice_is_kept_on_disk_and_reused(fixture_model, monkeypatch, tmp_p
     # The next start on this machine: the same choice, rebuilt, nothing measured.
     again = rt.choose_runtime(model, exact=True, candidates=("fastexact",))
     assert again.name == "fastexact" and timed == [1, 32]
+    assert again.report["eager_ms"] == first.report["eager_ms"] == {1: 10.0, 32: 10.0}
     assert again.report["cached"] == str(kept[0]) and again.report["by_batch"] == {
         1: "fastexact",
         32: "fastexact",

@@ -634,10 +634,15 @@ def _choice_path(
     return cache_dir() / "runtime" / f"{key}.json"
 
 
+def _int_keys(obj: dict) -> dict:
+    return {int(k) if k.isdigit() else k: v for k, v in obj.items()}
+
+
 def _cached_choice(model: QuARIModel, path: Path) -> Runtime | None:
     """The runtime a kept choice names, rebuilt; None when there is none or it is unusable."""
     try:
-        report = json.loads(path.read_text())
+        # JSON keys are strings: batch sizes (the only all-digit keys) get their ints back.
+        report = json.loads(path.read_text(), object_hook=_int_keys)
         by_batch = {int(b): n for b, n in report["by_batch"].items()}
     except FileNotFoundError:
         return None
