@@ -397,7 +397,7 @@ def bench_variant(cfg: HyperNetConfig, args, names: list[str], plan: dict, gemm:
     import tempfile
 
     from quari.eval.synthetic import PlantedSpec, planted_768, planted_pairs
-    from quari.runtime import choose_runtime
+    from quari.runtime_choice import choose_runtime
 
     ref = None
     if args.reference_code and cfg.variant == "reference":

@@ -3,7 +3,7 @@
 :func:`quality_guard` compares a runtime's gallery rankings with the fp32 eager pass — the
 mean and worst top-k agreement and the largest score error — on a planted probe set
 (:func:`probe_set`) whose near neighbours are ordered by small score differences, as real
-galleries are. ``auto`` (:func:`quari.runtime.choose_runtime`) admits a reduced-precision
+galleries are. ``auto`` (:func:`quari.runtime_choice.choose_runtime`) admits a reduced-precision
 runtime only at a top-10 agreement of at least :data:`REQUIRED_AGREEMENT`.
 
 Example:
