@@ -13,7 +13,7 @@ import torch
 import quari.runtime as rt
 import quari.runtime_choice as rc
 from quari.checkpoint import load_reference
-from quari.runtime import Runtime
+from quari.runtime import Runtime, cache_dir
 from quari.runtime_choice import choose_runtime
 from quari.runtime_guard import probe_set
 
@@ -99,7 +99,8 @@ def test_fp32_chooses_among_exact_runtimes_only(fixture_model, monkeypatch):
     assert model.runtime == "eager" and model.runtime_report["chosen"] == "eager"
 
 
-def test_fp32_tries_onnx_where_installed(fixture_model, monkeypatch):
+def test_fp32_tries_onnx_where_installed(fixture_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("QUARI_CACHE_DIR", str(tmp_path))
     seen = []
 
     class Broken(Runtime):
@@ -119,6 +120,10 @@ def test_fp32_tries_onnx_where_installed(fixture_model, monkeypatch):
     assert seen == [fixture_model] and list(report["candidates"]) == ["onnx"]
     assert report["candidates"]["onnx"]["error"] == "RuntimeError: export failed"
     assert report["chosen"] == "eager"
+    # Without a probe the choice would be kept — not one made while a candidate failed.
+    monkeypatch.setattr(rc, "probe_set", lambda dim: probe)
+    rc.choose_runtime(fixture_model, exact=True)
+    assert seen == [fixture_model] * 2 and not (cache_dir() / "runtime").exists()
 
 
 def test_the_choice_is_kept_on_disk_and_reused(fixture_model, monkeypatch, tmp_path):

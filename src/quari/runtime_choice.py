@@ -71,7 +71,8 @@ def choose_runtime(
     model's weights, the candidates, this CPU, the thread count and the library versions), so
     the next start with the same model on the same machine rebuilds the winners without
     measuring again (its report then names the file under ``"cached"``); delete the file to
-    measure afresh. A file that cannot be read is measured over.
+    measure afresh. A file that cannot be read is measured over; a choice made while a
+    candidate failed to build is not kept.
 
     Args:
         model: The model.
@@ -135,6 +136,7 @@ def choose_runtime(
             runtime = build_runtime(model, name)
         except Exception as exc:  # a missing extra, a failed compile: not a candidate
             entry["error"] = f"{type(exc).__name__}: {exc}"
+            path = None  # nor a choice to keep: the next start tries it again
             continue
         guard = quality_guard(model, runtime, queries, gallery)
         entry["guard"] = guard.to_dict()
