@@ -77,7 +77,16 @@ def test_mine_writes_semipositives_and_resumes(app, tmp_path):
 
 def test_train_with_ablation_switches_then_resume(app, tmp_path):
     write_planted_set(tmp_path / "set", 50, SPEC, captions_per_image=2)
-    args = tiny_args(tmp_path, "--no-semipos", "--no-noise", "--single-step", "--seed", "3")
+    args = tiny_args(
+        tmp_path,
+        "--no-semipos",
+        "--no-noise",
+        "--single-step",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.02",
+    )
     out = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
     assert out.exit_code == 0, out.output
     assert "trained 4 steps" in out.output and "cosine" in out.output
@@ -90,6 +99,7 @@ def test_train_with_ablation_switches_then_resume(app, tmp_path):
     assert model.config.variant == "reference"
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["semipos"] is False and saved["noise_scale"] == 0.0 and saved["seed"] == 3
+    assert saved["temperature"] == 0.02
     assert not (tmp_path / "set" / "semipos").exists()  # no mining without semi-positives
     again = runner.invoke(app, [*args, "--variant", "reference", "--preset", "reference"])
     assert again.exit_code == 6 and "--resume" in again.output  # training stopped

@@ -122,8 +122,12 @@ def test_cli_train_adapter_linear(tmp_path):
     assert out.exit_code == 0, out.output
     assert "trained a linear adapter for 5 steps" in out.output and "cosine" in out.output
     assert load_model(tmp_path / "lin").out_dim == 8
-    out = runner.invoke(app, [*args, "--adapter", "linear", "--max-steps", "5", "--rank", "4"])
+    out = runner.invoke(
+        app,
+        [*args, "--adapter", "linear", "--max-steps", "5", "--rank", "4", "--temperature", "0.02"],
+    )
     assert out.exit_code == 0, out.output
     assert load_model(tmp_path / "lin").rank == 4
+    assert json.loads((tmp_path / "lin" / "linear_train.json").read_text())["temperature"] == 0.02
     out = runner.invoke(app, [*args, "--adapter", "ridge"])
     assert out.exit_code == 2 and "--adapter must be quari or linear" in out.output

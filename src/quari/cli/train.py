@@ -144,6 +144,13 @@ def train_command(
     lr: Annotated[
         float | None, typer.Option(help="Peak learning rate (default: preset; linear: 1e-3).")
     ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="τ of the contrastive loss. Lower (0.01-0.02) trades image→image for "
+            "text→image quality (docs/results.md, retrieval quality)."
+        ),
+    ] = 0.07,
     max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (else epochs).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs when --max-steps is not given.")] = 10,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (cosine).")] = None,
@@ -204,6 +211,7 @@ def train_command(
             epochs=epochs,
             batch_size=batch_size or 128,
             lr=lr or 1e-3,
+            temperature=temperature,
             max_steps=max_steps,
             seed=seed,
             progress=not quiet,
@@ -242,6 +250,7 @@ def train_command(
         relevance_negatives=relevance_negatives,
         batch_size=batch_size,
         lr=lr,
+        temperature=temperature,
         max_steps=max_steps,
         max_epochs=epochs,
         warmup_steps=warmup_steps,
