@@ -7,10 +7,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 from quari import Adaptation, QuARIInputError
+from quari.adaptation import StaticBlend
+from quari.retriever import take_queries
 
 from helpers import (
     assert_close,
@@ -206,3 +209,72 @@ def test_empty_gallery_and_k_larger_than_n(ad):
     assert top.ids.shape == (2, 0)
     top = ad.scan([(0, torch.randn(3, 8))], k=5)
     assert top.ids.shape == (2, 3) and sorted(top.ids[0].tolist()) == [0, 1, 2]
+
+
+# -- the static blend: (1 − a)·cos(q′, T d) + a·cos(W q, W d) ---------------------------------
+def _blend_problem(problem, seed: int, weight: float):
+    """``problem``'s adaptation with a random static blend, and the blend's float64 oracle."""
+    ad, gallery, atol = problem
+    B, E = len(ad), ad.embedding_dim
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(E, E, generator=g, dtype=torch.float64)
+    raw = torch.randn(B, E, generator=g, dtype=torch.float64) * 3  # any scale: normalised
+    blended = Adaptation(
+        ad.refined_query, ad.U, ad.V, ad.variant, ad.anchor_scale,
+        blend=StaticBlend.of(W.float(), raw.float(), weight),
+    )  # fmt: skip
+
+    def oracle(d) -> np.ndarray:
+        d64 = torch.as_tensor(d).double()
+        wq = F.normalize(raw @ W.T, dim=-1)
+        wd = F.normalize(d64 @ W.T, dim=-1)
+        static = wq @ wd.T if d64.ndim == 2 else (wd @ wq[..., None])[..., 0]
+        return (1 - weight) * dense_scores(ad, d) + weight * static.numpy()
+
+    # W's condition number stretches fp32 error like T's does
+    tol = score_tolerance(ad, atol) + 1e-7 * float(torch.linalg.cond(W))
+    return blended, gallery, oracle, tol
+
+
+@given(problems(), st.integers(0, 1000), st.sampled_from([0.0, 0.3, 1.0]), st.data())
+def test_blended_scores_match_the_oracle_in_every_path(problem, seed, weight, data):
+    ad, gallery, oracle, tol = _blend_problem(problem, seed, weight)
+    assert_close(ad.score(gallery).numpy(), oracle(gallery), tol)
+    per_query = gallery.flip(0).expand(len(ad), *gallery.shape)
+    assert_close(ad.score(per_query).numpy(), oracle(per_query), tol)
+    N = gallery.shape[0]
+    k = data.draw(st.integers(1, N + 2), label="k")
+    half = N // 2
+    chunks = [(0, gallery[:half]), (half, gallery[half:])]
+    top = ad.scan(iter(chunks), k, block_rows=data.draw(st.sampled_from([None, 3]), label="b"))
+    assert_topk_matches(top.ids, top.scores, oracle(gallery), k, tol)
+    ids = torch.arange(N).flip(0).expand(len(ad), N)
+    top = ad.rerank(ids, gallery[ids], k)
+    assert_topk_matches(N - 1 - top.ids, top.scores, oracle(gallery.flip(0)), k, tol)
+
+
+def test_blend_travels_with_the_adaptation():
+    ad = random_adaptation(4, 12, 3, "reference", seed=1)
+    raw = torch.randn(4, 12)
+    blended = Adaptation(ad.refined_query, ad.U, ad.V, "reference", ad.anchor_scale,
+                         blend=StaticBlend.of(torch.randn(12, 12), raw, 0.4))  # fmt: skip
+    d = torch.randn(30, 12)
+    want = blended.score(d)
+    assert "blend=0.4" in repr(blended)
+    torch.testing.assert_close(blended.to("cpu").score(d), want)
+    torch.testing.assert_close(blended.detach().score(d), want)
+    part = take_queries(blended, [3, 1])
+    torch.testing.assert_close(part.score(d), want[[3, 1]])
+    # the candidate query mixes both numerators' directions
+    w = F.normalize(ad.adapted_query(), dim=-1)
+    expected = 0.6 * w + 0.4 * F.normalize(blended.blend.queries, dim=-1)
+    torch.testing.assert_close(blended.adapted_query(), expected)
+
+
+def test_blend_rejects_bad_weights_and_shapes():
+    ad = random_adaptation(2, 8, 2, "paper")
+    with pytest.raises(QuARIInputError, match=r"weight must be in \[0, 1\], got 1.5"):
+        StaticBlend.of(torch.eye(8), torch.randn(2, 8), 1.5)
+    with pytest.raises(QuARIInputError, match=r"blend: its queries must be \(B, E\) = \(2, 8\)"):
+        Adaptation(ad.refined_query, ad.U, ad.V, blend=StaticBlend.of(torch.eye(8),
+                   torch.randn(3, 8), 0.5))  # fmt: skip

@@ -209,6 +209,7 @@ def test_mean_map_of_one_query_scores_that_query_as_the_model_does():
     [
         ("paper", {}, "reference variant with map_query"),
         ("reference", {"map_query": False}, "map_query False"),
+        ("reference", {"blend_weight": 0.5}, "no static blend .* blend_weight 0.5"),
     ],
 )
 def test_mean_map_refuses_models_whose_score_is_not_cos_tq_td(variant, overrides, match):
@@ -223,3 +224,20 @@ def test_mean_map_rejects_bad_ranks_and_queries():
         LinearAdapter.mean_of(model, torch.randn(4, 24), rank=25)
     with pytest.raises(QuARIInputError, match="queries"):
         LinearAdapter.mean_of(model, torch.randn(4, 23))
+
+
+def test_whitening_adapter_is_the_fitted_map_and_round_trips(tmp_path):
+    from quari.whitening import fit_whitening
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 24)) * np.linspace(5, 0.1, 24)
+    adapter = LinearAdapter.whitening(vectors, 0.05, {"encoder": "test-encoder"})
+    torch.testing.assert_close(adapter.matrix().detach(), fit_whitening(vectors, 0.05))
+    q, d = rng.standard_normal((4, 24)), rng.standard_normal((60, 24))
+    with torch.no_grad():
+        got = adapter(torch.from_numpy(q).float()).score(torch.from_numpy(d).float())
+    assert_close(got.numpy(), brute_force(adapter, q, d), 2e-5)
+    adapter.save(tmp_path / "w")
+    loaded = load_model(tmp_path / "w")
+    assert loaded.metadata["adapter"] == "whitening" and loaded.metadata["shrinkage"] == 0.05
+    torch.testing.assert_close(loaded.matrix(), adapter.matrix())

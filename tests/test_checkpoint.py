@@ -61,6 +61,26 @@ def test_save_load_round_trips_exactly(tmp_path, variant):
     assert "siglip2-base-patch16-512" in card and "recall@10" in card and variant in card
 
 
+def test_a_blended_model_round_trips_with_its_whitening(tmp_path):
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.5)).eval()
+    model.whitening.copy_(torch.randn(24, 24))
+    model.metadata = {"blend": {"whitening": "shrinkage 0.01, fitted on 7 rows"}}
+    loaded = load(save(model, tmp_path / "m"))
+    assert loaded.config.blend_weight == 0.5 and torch.equal(loaded.whitening, model.whitening)
+    q, d = torch.randn(3, 24), torch.randn(20, 24)
+    with torch.inference_mode():
+        assert torch.equal(model(q).score(d), loaded(q).score(d))
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "0.5·cos(q′, T d) + 0.5·cos(W q, W d), W a whitening (shrinkage 0.01" in card
+    # a folder whose config asks for a blend but whose weights lack W is refused by name
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    del weights["whitening"]
+    save_file(weights, tmp_path / "m" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="whitening"):
+        load(tmp_path / "m")
+
+
 def test_reference_import_round_trips_through_a_model_folder(tmp_path, fixture_dir):
     model = load_reference(fixture_dir)
     loaded = load(save(model, tmp_path / "m"))

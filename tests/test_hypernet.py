@@ -7,6 +7,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quari import HyperNetConfig, QuARIInputError, QuARIModel
 
@@ -169,6 +170,7 @@ def test_bad_queries(queries, match):
         (dict(rank=0), "rank must be a positive integer"),
         (dict(rank=40), r"rank \(40\) cannot exceed embedding_dim \(24\)"),
         (dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+        (dict(blend_weight=1.5), r"blend_weight must lie in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_configs(fields, match):
@@ -183,6 +185,32 @@ def test_config_round_trip_and_variant_defaults():
     assert HyperNetConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(QuARIInputError, match=r"unknown HyperNetConfig field\(s\) \['colour'\]"):
         HyperNetConfig.from_dict({**cfg.to_dict(), "colour": 1})
+    # A model without a blend saves no blend_weight (older quari versions keep reading it).
+    assert "blend_weight" not in cfg.to_dict()
+    blended = tiny_config("reference", blend_weight=0.25)
+    assert HyperNetConfig.from_dict(blended.to_dict()) == blended
+
+
+def test_a_blended_model_scores_the_mix_of_both_cosines():
+    """(1 − a)·cos(q′, T d) + a·cos(W q, W d) with the model's own W, against a dense oracle;
+    without a blend the model holds no whitening buffer at all."""
+    assert not hasattr(QuARIModel(tiny_config("reference")), "whitening")
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.3)).eval()
+    W = torch.randn(24, 24)
+    model.whitening.copy_(W)
+    q, d = torch.randn(5, 24), torch.randn(40, 24)
+    with torch.inference_mode():
+        ad = model(q)
+        plain = dense_scores(ad, d)
+        static = (
+            F.normalize(q.double() @ W.double().T, dim=-1)
+            @ F.normalize(d.double() @ W.double().T, dim=-1).T
+        )
+        np.testing.assert_allclose(ad.score(d).numpy(), 0.7 * plain + 0.3 * static.numpy(),
+                                   atol=2e-5)  # fmt: skip
+    with pytest.raises(QuARIInputError, match="pass the queries"):
+        model.to_adaptation(ad.refined_query, ad.U, ad.V)
 
 
 # -- the inference pass (docs/method.md §3.5) ----------------------------------------------------

@@ -312,3 +312,29 @@ def test_small_sets_without_an_index_find_the_flat_index_candidates(setup, mode)
     filtered = Retriever(eset, model, exact_below=0).search(q, k=k, mode=mode, where=where)
     expected = Retriever(eset, model, index, exact_below=0).search(q, k=k, mode=mode, where=where)
     np.testing.assert_array_equal(filtered.ids, expected.ids)
+
+
+def test_every_mode_ranks_a_blended_model_exactly(tmp_path):
+    """A model with a static blend: scan, and every index mode given the whole set as
+    candidates, return the oracle's top k — (1 − a)·cos(q′, T d) + a·cos(W q, W d)."""
+    from quari.retriever import MODES
+
+    eset, stored, _ = make_set(tmp_path / "set", shards=(120, 80))
+    torch.manual_seed(3)
+    model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.6)).eval()
+    model.metadata["encoder"] = "test-encoder"
+    W = torch.randn(24, 24) + 3 * torch.eye(24)
+    model.whitening.copy_(W)
+    q = np.random.default_rng(7).standard_normal((3, 24)).astype(np.float32)
+    d = torch.from_numpy(stored.astype(np.float64))
+    with torch.inference_mode():
+        ad = model(torch.from_numpy(q))
+    wq = torch.nn.functional.normalize(torch.from_numpy(q).double() @ W.double().T, dim=-1)
+    wd = torch.nn.functional.normalize(d @ W.double().T, dim=-1)
+    oracle = 0.4 * dense_scores(ad, d) + 0.6 * (wq @ wd.T).numpy()
+    retriever = Retriever(eset, model, CandidateIndex.build(eset, "faiss:Flat", progress=False))
+    modes = [m for m in MODES if m != "plain"]  # plain: the cosine baseline, no model
+    assert "scan" in modes and "adaptive" in modes
+    for mode in modes:
+        res = retriever.search(q, 5, mode=mode, candidates=200, with_metadata=False)
+        assert_topk_matches(res.ids, res.scores, oracle, 5, 2e-5)

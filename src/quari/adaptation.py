@@ -23,6 +23,11 @@ Two exact evaluations of the same score are used, each where it is cheapest
   the reference) serves all B queries per chunk read; no N×B×r intermediate outlives one block
   of ~12 MiB.
 
+A :class:`StaticBlend` mixes a static cosine into the score, s = (1 − a)·cos(q′, T d) +
+a·cos(W q, W d) with one E×E map W for every query (a model's whitening,
+:mod:`quari.whitening`); every path above adds it exactly: its numerator is one more linear
+projection of d per query, its norm ‖W d‖ one shared projection per gallery block.
+
 Gallery vectors need not be unit norm: cos(q′, T(s·d)) = cos(q′, T d) for s > 0, so inputs are
 effectively normalised. A zero vector scores 0 (as ``F.normalize`` would make it).
 """
@@ -33,6 +38,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -52,7 +58,59 @@ from quari.scoring import (
 )
 from quari.validation import as_embeddings, as_tensor, check_k
 
-__all__ = ["Adaptation", "TopK"]  # TopK: from quari.scoring
+__all__ = ["Adaptation", "StaticBlend", "TopK"]  # TopK: from quari.scoring
+
+
+@dataclass(frozen=True)
+class StaticBlend:
+    """A static cosine mixed into a batch's adapted scores (module docstring):
+    s = (1 − a)·cos(q′, T d) + a·cos(W q, W d).
+
+    Attributes:
+        matrix: W (E, E), the same for every query and item.
+        queries: (B, E) Wᵀŵ with ŵ = W q / ‖W q‖: the numerator is its inner product with d.
+        weight: a, in [0, 1].
+
+    Example:
+        >>> W, q, d = torch.eye(4), torch.randn(2, 4), torch.randn(5, 4)
+        >>> blend = StaticBlend.of(W, q, 0.5)
+        >>> cos = F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T
+        >>> torch.allclose(blend.scores(d), cos, atol=1e-6)
+        True
+    """
+
+    matrix: torch.Tensor
+    queries: torch.Tensor
+    weight: float
+
+    @classmethod
+    def of(cls, matrix: torch.Tensor, queries: torch.Tensor, weight: float) -> StaticBlend:
+        """The blend of raw (B, E) ``queries`` under ``matrix`` W at ``weight`` a."""
+        if not 0.0 <= weight <= 1.0:
+            raise QuARIInputError(f"the static blend's weight must be in [0, 1], got {weight}")
+        W = matrix.to(queries)
+        return cls(W, F.normalize(queries @ W.T, dim=-1) @ W, float(weight))
+
+    def scores(self, d: torch.Tensor) -> torch.Tensor:
+        """cos(W q, W d) of (N, E) shared items, (B, N), or (B, M, E) per-query ones, (B, M)."""
+        W, w = self.matrix.to(d.dtype), self.queries.to(d.dtype)
+        norm = torch.linalg.vector_norm(d @ W.T, dim=-1).clamp_min(EPS)
+        if d.ndim == 2:
+            return (w @ d.T) / norm
+        return (d @ w[..., None])[..., 0] / norm
+
+    def mix(self, adapted: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """(1 − a)·``adapted`` + a·:meth:`scores` (float32)."""
+        a = self.weight
+        return ((1 - a) * adapted.to(d.dtype) + a * self.scores(d)).float()
+
+    def map(self, fn) -> StaticBlend:
+        """The same blend with ``fn`` applied to its tensors (a device move, a detach)."""
+        return StaticBlend(fn(self.matrix), fn(self.queries), self.weight)
+
+    def take(self, index: Any) -> StaticBlend:
+        """The blend of some of the batch's queries."""
+        return StaticBlend(self.matrix, self.queries[index], self.weight)
 
 
 class Adaptation:
@@ -66,6 +124,8 @@ class Adaptation:
         anchor_scale: α of the reference variant; must be 0 for the paper variant.
         normalized: ``refined_query`` is already unit-norm (as the model makes it): skip
             normalising it again.
+        blend: A :class:`StaticBlend` of the same B queries mixed into every score (None:
+            the adapted cosine alone).
 
     Example:
         >>> B, E, r = 2, 16, 4
@@ -85,6 +145,7 @@ class Adaptation:
         anchor_scale: float = 0.0,
         *,
         normalized: bool = False,
+        blend: StaticBlend | None = None,
     ) -> None:
         if variant not in ("paper", "reference"):
             raise QuARIInputError(f"variant must be 'paper' or 'reference', got {variant!r}")
@@ -109,6 +170,11 @@ class Adaptation:
         self.V = V
         self.variant = variant
         self.anchor_scale = float(anchor_scale)
+        if blend is not None and blend.queries.shape != (B, E):
+            raise QuARIInputError(
+                f"blend: its queries must be (B, E) = ({B}, {E}), got {tuple(blend.queries.shape)}"
+            )
+        self.blend = blend
 
     @classmethod
     def random(
@@ -177,7 +243,9 @@ class Adaptation:
     def __repr__(self) -> str:
         return (
             f"Adaptation(queries={len(self)}, dim={self.embedding_dim}, rank={self.rank}, "
-            f"variant={self.variant!r}, anchor_scale={self.anchor_scale})"
+            f"variant={self.variant!r}, anchor_scale={self.anchor_scale}"
+            + ("" if self.blend is None else f", blend={self.blend.weight}")
+            + ")"
         )
 
     def to(self, device: torch.device | str) -> Adaptation:
@@ -188,6 +256,7 @@ class Adaptation:
             self.V.to(device),
             self.variant,
             self.anchor_scale,
+            blend=None if self.blend is None else self.blend.map(lambda t: t.to(device)),
         )
 
     def detach(self) -> Adaptation:
@@ -198,20 +267,27 @@ class Adaptation:
             self.V.detach(),
             self.variant,
             self.anchor_scale,
+            blend=None if self.blend is None else self.blend.map(torch.Tensor.detach),
         )
 
     # -- closed forms -------------------------------------------------------------------------
     def adapted_query(self) -> torch.Tensor:
         """w = Tᵀq′ (B, E): q′ᵀ(T d) = wᵀd, so an inner-product index queried with w ranks by
-        the numerator of the adapted cosine — the candidate stage of adaptive retrieval."""
+        the numerator of the adapted cosine — the candidate stage of adaptive retrieval. With a
+        :class:`StaticBlend` the blend's numerator joins at its weight (the two cosines'
+        item norms left out: a candidate query, not an exact score)."""
         w = self.V @ (self._output_factor.transpose(1, 2) @ self.refined_query[..., None])
         w = w[..., 0]
         if self._identity_weight:
             w = w + self._identity_weight * self.refined_query
+        if self.blend is not None:
+            a = self.blend.weight
+            w = (1 - a) * F.normalize(w, dim=-1) + a * F.normalize(self.blend.queries, dim=-1)
         return w
 
     def dense(self) -> torch.Tensor:
         """T (B, E, E) in column convention (T @ d) — a test oracle; costs O(B·E²) memory.
+        A :class:`StaticBlend` is not part of T.
 
         The reference implementation's ``W_image`` is the row-convention matrix: W = Tᵀ.
         """
@@ -224,7 +300,7 @@ class Adaptation:
 
     # -- scoring --------------------------------------------------------------------------------
     def score(self, gallery: Any) -> torch.Tensor:
-        """Exact cosine scores cos(q′_b, T_b d).
+        """Exact cosine scores cos(q′_b, T_b d) (blended with :attr:`blend`'s, if any).
 
         Without gradients this uses the QR form (error ∝ κ(T)·ε, like :meth:`scan`); when the
         factors require grad it uses the differentiable Gram form, because the QR backward is
@@ -256,8 +332,10 @@ class Adaptation:
             )
         tracked = (self.refined_query, self.U, self.V)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tracked):
-            return self._gram_scores(d)
-        return self.plan.scores(d).float()
+            scores = self._gram_scores(d)
+        else:
+            scores = self.plan.scores(d).float()
+        return scores if self.blend is None else self.blend.mix(scores, d)
 
     @property
     def _compute_dtype(self) -> torch.dtype:
@@ -323,6 +401,8 @@ class Adaptation:
                 f"{tuple(ids.shape)} in its first two axes"
             )
         scores = self.plan.scores(vecs).float()
+        if self.blend is not None:
+            scores = self.blend.mix(scores, vecs)
         scores = scores.masked_fill(ids < 0, float("-inf"))
         top = torch.topk(scores, min(k, ids.shape[1]), dim=1)
         out_ids = torch.gather(ids.long(), 1, top.indices)
@@ -365,7 +445,9 @@ class Adaptation:
         ``QUARI_DISABLE_TRITON`` is set, a half-precision GEMM with fp32 output — against the
         projection rounded to the rows' dtype, so scores are within ~1e-3 (bf16) or ~1e-4
         (fp16) of exact; rows in other dtypes are scored in fp32. Host chunks are copied to
-        the device in segments of at most 512 MiB.
+        the device in segments of at most 512 MiB. An adaptation with a :class:`StaticBlend`
+        scans with the torch path on any device (the fused kernel scores the adapted cosine
+        alone).
 
         Returns:
             :class:`TopK` with (B, min(k, N)) ids and scores, best first.
@@ -382,7 +464,8 @@ class Adaptation:
             torch.Size([2, 5])
         """
         k = check_k(k)
-        if self.device.type == "cuda" and self._compute_dtype == torch.float32:
+        blend = self.blend
+        if self.device.type == "cuda" and self._compute_dtype == torch.float32 and blend is None:
             # GPU: fused kernel for fp16/bf16 rows, torch path otherwise (quari.kernels.scan).
             from quari.kernels.scan import scan_topk
 
@@ -409,6 +492,8 @@ class Adaptation:
             if self._identity_weight:
                 norm2 = torch.linalg.vector_norm(block, dim=-1, keepdim=True).square_()
             scores = plan.epilogue(z, norm2)  # (n, B)
+            if blend is not None:
+                scores = blend.mix(scores.T, block).T
             if not torch.isfinite(scores).all():
                 raise_nonfinite(block, start)
             top = torch.topk(scores, min(k, part.shape[0]), dim=0)

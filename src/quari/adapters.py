@@ -34,6 +34,7 @@ from quari.adaptation import Adaptation
 from quari.errors import CheckpointError, QuARIInputError
 from quari.fileio import atomic_write, read_json
 from quari.validation import as_embeddings
+from quari.whitening import DEFAULT_SHRINKAGE, fit_whitening
 
 if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
@@ -165,6 +166,34 @@ class LinearAdapter(torch.nn.Module):
         self._factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
+    def whitening(
+        cls,
+        vectors: Any,
+        shrinkage: float = DEFAULT_SHRINKAGE,
+        metadata: dict[str, Any] | None = None,
+    ) -> LinearAdapter:
+        """The full-form adapter whose W is the shrinkage whitening of ``vectors``
+        (:func:`quari.whitening.fit_whitening`): learned from the data's own second moments, no
+        labels and no training — the ``whitening`` baseline of ``docs/results.md``.
+
+        Args:
+            vectors: (N, E) embeddings to fit on (a collection's images and captions).
+            shrinkage: s of the whitening.
+            metadata: Facts saved with the adapter.
+
+        Example:
+            >>> adapter = LinearAdapter.whitening(torch.randn(100, 8))
+            >>> adapter.out_dim, bool(torch.allclose(adapter.matrix(), adapter.matrix().T))
+            (8, True)
+        """
+        W = fit_whitening(vectors, shrinkage)
+        info = {"adapter": "whitening", "shrinkage": shrinkage, **(metadata or {})}
+        adapter = cls(W.shape[0], W.shape[0], info)
+        with torch.no_grad():
+            adapter.weight.copy_(W)  # type: ignore[union-attr]
+        return adapter
+
+    @classmethod
     def mean_of(
         cls,
         model: QuARIModel,
@@ -193,7 +222,8 @@ class LinearAdapter(torch.nn.Module):
             Frobenius norm) that rank k keeps.
 
         Raises:
-            QuARIInputError: another variant, no ``map_query``, bad queries or rank.
+            QuARIInputError: another variant, no ``map_query``, a static blend, bad queries or
+                rank.
 
         Example:
             >>> from quari import HyperNetConfig, QuARIModel
@@ -203,10 +233,11 @@ class LinearAdapter(torch.nn.Module):
             4
         """
         cfg = model.config
-        if cfg.variant != "reference" or not cfg.map_query:
+        if cfg.variant != "reference" or not cfg.map_query or cfg.blend_weight:
             raise QuARIInputError(
                 "a mean map needs a model that scores cos(Tq, Td): the reference variant with "
-                f"map_query (this one: variant {cfg.variant!r}, map_query {cfg.map_query})"
+                f"map_query and no static blend (this one: variant {cfg.variant!r}, map_query "
+                f"{cfg.map_query}, blend_weight {cfg.blend_weight:g})"
             )
         E = cfg.embedding_dim
         adapter = cls(E, rank=cfg.rank if rank is None else rank)  # checks the rank

@@ -400,6 +400,14 @@ def _model_card(model: QuARIModel) -> str:
     else:
         lam = cfg.query_residual_weight
         query = f"q′ = normalize({1 - lam:g}·MLP(ctx) + {lam:g}·q)" if lam else "q′ = MLP(ctx)"
+    blend = meta.get("blend") if isinstance(meta.get("blend"), dict) else {}
+    score = "cos(q′, T d)"
+    if cfg.blend_weight:
+        a = cfg.blend_weight
+        score = f"{1 - a:g}·cos(q′, T d) + {a:g}·cos(W q, W d), W a whitening"
+        score += f" ({blend['whitening']})" if "whitening" in blend else ""
+    elif blend:
+        score += f"; static blend not attached ({blend.get('attached', 'no')})"
     lines = [
         "---",
         "library_name: quari",
@@ -417,6 +425,7 @@ def _model_card(model: QuARIModel) -> str:
         f"| embedding dim | {cfg.embedding_dim} |",
         f"| variant | {cfg.variant}: {form} |",
         f"| adapted query | {query} |",
+        f"| score | {score} |",
         f"| initialisation | {start.get(cfg.init, cfg.init)} |",
         f"| hidden dim / layers / heads / steps | {cfg.hidden_dim} / {cfg.num_layers} / "
         f"{cfg.num_heads} / {cfg.num_steps} |",
@@ -425,7 +434,7 @@ def _model_card(model: QuARIModel) -> str:
         f"| quari version | {__version__} |",
     ]
     for key in sorted(meta):
-        if key in ("encoder", "metrics"):
+        if key in ("encoder", "metrics", "blend"):
             continue
         lines.append(f"| {key} | {meta[key]} |")
     metrics = meta.get("metrics")
@@ -436,6 +445,9 @@ def _model_card(model: QuARIModel) -> str:
         verdict = validation_verdict(metrics)
         if verdict:
             lines += [f"**{verdict}**", ""]
+        without = blend.get("metrics_without_blend") or {}
+        if cfg.blend_weight and "val/mAP" in without:
+            lines += [f"Without the static blend: val/mAP {without['val/mAP']}.", ""]
         paired = sorted(k[4:] for k in metrics if k.startswith("val/"))
         if paired:
             lines += [

@@ -528,6 +528,7 @@ def take_queries(ad: Adaptation, rows: slice | Sequence[int] | torch.Tensor) -> 
         ad.variant,
         ad.anchor_scale,
         normalized=True,
+        blend=None if ad.blend is None else ad.blend.take(index),
     )
 
 

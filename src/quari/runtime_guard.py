@@ -98,8 +98,8 @@ def quality_guard(
     if k > d.shape[0]:
         raise QuARIInputError(f"the gallery has {d.shape[0]} rows, fewer than k = {k}")
     with torch.inference_mode():
-        want = model.to_adaptation(*model.predict_factors(q)).score(d)
-        got = model.to_adaptation(*runtime(q)).score(d)
+        want = model.to_adaptation(*model.predict_factors(q), queries=q).score(d)
+        got = model.to_adaptation(*runtime(q), queries=q).score(d)
     top_want = torch.topk(want, k, dim=1).indices.numpy()
     top_got = torch.topk(got, k, dim=1).indices.numpy()
     overlap = np.array(

@@ -82,6 +82,12 @@ class HyperNetConfig:
             is unused). A quari extension, not in the paper or the reference code: a model
             trained on captions then moves image queries with the items instead of towards a
             caption-shaped q′ (docs/method.md §5.5).
+        blend_weight: a in s = (1 − a)·cos(q′, T d) + a·cos(W q, W d): the weight of a static
+            whitened cosine mixed into every score (:class:`~quari.adaptation.StaticBlend`).
+            W is the model's ``whitening`` buffer (E×E), which exists only when a > 0; the
+            trainer fits it on the training embeddings (:mod:`quari.whitening`). 0 (the
+            default, and every model made before it): the adapted cosine alone. A quari
+            extension, not in the paper (docs/method.md §5.6).
 
     Example:
         >>> cfg = HyperNetConfig(embedding_dim=768)
@@ -104,6 +110,7 @@ class HyperNetConfig:
     init: Init = "default"
     decoder_norm: bool | None = None
     map_query: bool = False
+    blend_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.variant not in _VARIANT_DEFAULTS:
@@ -149,6 +156,8 @@ class HyperNetConfig:
         for name in ("decoder_norm", "map_query"):
             if not isinstance(getattr(self, name), bool):
                 raise QuARIInputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.blend_weight, bool) or not 0.0 <= self.blend_weight <= 1.0:
+            raise QuARIInputError(f"blend_weight must lie in [0, 1], got {self.blend_weight!r}")
         for name in ("dropout", "token_dropout", "query_residual_weight"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (name != "query_residual_weight" and value == 1.0):
@@ -160,8 +169,12 @@ class HyperNetConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict."""
-        return asdict(self)
+        """The config as a JSON-ready dict (without ``blend_weight`` when it is 0, so that a
+        model without a blend stays readable by quari versions before it)."""
+        data = asdict(self)
+        if not data["blend_weight"]:
+            del data["blend_weight"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HyperNetConfig:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quari.adaptation import Adaptation
+from quari.adaptation import Adaptation, StaticBlend
 from quari.errors import QuARIInputError
 from quari.hypernet.config import HyperNetConfig
 from quari.hypernet.packing import PackedLinears
@@ -129,6 +129,10 @@ class QuARIModel(nn.Module):
             codes = torch.stack([step_code(t, H) for t in range(config.num_steps)])
             self.register_buffer("step_codes", codes, persistent=False)
         self.register_buffer("positions", sinusoidal_table(2 * r + 1, H))
+        if config.blend_weight > 0:
+            # W of the static blend (HyperNetConfig.blend_weight); the trainer fits it, a
+            # checkpoint restores it. The identity until then: plain cosine as the static part.
+            self.register_buffer("whitening", torch.eye(E))
 
         layer = nn.TransformerEncoderLayer(
             d_model=H,
@@ -227,14 +231,30 @@ class QuARIModel(nn.Module):
                 refined, U, V = chunked(self, self.eager_factors, q)  # large batches in chunks
             else:
                 refined, U, V = self.predict_factors(q)
-        return self.to_adaptation(refined, U, V)
+        return self.to_adaptation(refined, U, V, queries=q)
 
-    def to_adaptation(self, refined: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> Adaptation:
+    def to_adaptation(
+        self,
+        refined: torch.Tensor,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        *,
+        queries: torch.Tensor | None = None,
+    ) -> Adaptation:
         """The :class:`~quari.adaptation.Adaptation` of factors from :meth:`predict_factors`
-        (or a runtime): this model's variant and α attached, q′ taken as unit-norm."""
-        if self.config.variant == "paper":
-            return Adaptation(refined, U, V, normalized=True)
-        return Adaptation(refined, U, V, "reference", self.config.anchor_scale, normalized=True)
+        (or a runtime): this model's variant and α attached, q′ taken as unit-norm, and —
+        when the config has a ``blend_weight`` — the static blend of the raw ``queries``."""
+        cfg = self.config
+        blend = None
+        if cfg.blend_weight > 0:
+            if queries is None:
+                raise QuARIInputError("this model blends a static cosine: pass the queries")
+            blend = StaticBlend.of(self.whitening, queries, cfg.blend_weight)
+        if cfg.variant == "paper":
+            return Adaptation(refined, U, V, normalized=True, blend=blend)
+        return Adaptation(
+            refined, U, V, "reference", cfg.anchor_scale, normalized=True, blend=blend
+        )
 
     def predict_factors(
         self,
