@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from quari.checkpoint import load
+from quari.checkpoint import load, load_model
 from quari.eval.synthetic import PlantedSpec, write_planted_set
 from quari.store import EmbeddingSet
 from quari.training import load_semipositives
 from quari.training.mining import MiningConfig
+from quari.whitening import fit_whitening
 
 from helpers import make_set
 
@@ -126,6 +128,31 @@ def test_train_says_when_it_exports_the_identity_start(app, tmp_path):
     assert load(tmp_path / "last").metadata["steps"] == 8
     bad = runner.invoke(app, [*args, "--export", "newest", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "export must be 'best' or 'last'" in bad.output
+
+
+def test_blend_weight_and_the_whitening_adapter(app, tmp_path):
+    write_planted_set(tmp_path / "set", 60, SPEC, captions_per_image=2)
+    out = runner.invoke(app, tiny_args(tmp_path, "--no-semipos", "--blend-weight", "0"))
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["blend_weight"] == 0.0 and load(tmp_path / "run").config.blend_weight == 0
+    assert "blend" not in load(tmp_path / "run").metadata  # nothing fitted or validated
+    out = runner.invoke(app, ["train", "--adapter", "whitening", "--train",
+                              str(tmp_path / "set"), "--out", str(tmp_path / "white"),
+                              "--whitening-shrinkage", "0.1"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "fitted the whitening of 120 rows' images and captions (shrinkage 0.1)" in out.output
+    eset = EmbeddingSet.open(tmp_path / "set")
+    rows = range(eset.rows)
+    vectors = torch.from_numpy(
+        np.concatenate([eset.gather(rows, "image"), eset.gather(rows, "text")])
+    )
+    adapter = load_model(tmp_path / "white")
+    torch.testing.assert_close(adapter.matrix(), fit_whitening(vectors, 0.1))
+    assert adapter.metadata["encoder"] == eset.encoder
+    out = runner.invoke(app, tiny_args(tmp_path, "--blend-weight", "2", "--out",
+                                       str(tmp_path / "bad")))  # fmt: skip
+    assert out.exit_code == 2 and "blend_weight must lie in [0, 1], got 2.0" in out.output
 
 
 def test_train_errors_are_one_line(app, tmp_path):

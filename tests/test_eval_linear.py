@@ -130,4 +130,4 @@ def test_cli_train_adapter_linear(tmp_path):
     assert load_model(tmp_path / "lin").rank == 4
     assert json.loads((tmp_path / "lin" / "linear_train.json").read_text())["temperature"] == 0.02
     out = runner.invoke(app, [*args, "--adapter", "ridge"])
-    assert out.exit_code == 2 and "--adapter must be quari or linear" in out.output
+    assert out.exit_code == 2 and "--adapter must be quari, linear or whitening" in out.output

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from quari import Adaptation, QuARIModel
 from quari.checkpoint import load
 from quari.eval.synthetic import PlantedSpec, planted_pairs, write_planted_set
+from quari.store import EmbeddingSet
 from quari.training import MiningConfig, TrainConfig, TrainingError, TrainSource, train
 from quari.training.distributed import gather_cat, gather_cat_with_grad
 from quari.training.loss import quari_loss
@@ -101,6 +102,7 @@ def test_a_run_that_only_got_worse_exports_its_identity_start(tmp_path):
             val_fraction=0.3, rank=4, hidden_dim=16, num_layers=1, num_heads=2, num_steps=2,
             batch_size=16, max_steps=8, val_every_steps=4, semipos=False, lr=0.3,
             warmup_steps=0, export=export, progress=False, accelerator="cpu",
+            blend_weight=0.0,  # the start then is exactly the frozen backbone
         )  # fmt: skip
         runs[export] = train(cfg)
     best, last = runs["best"], runs["last"]
@@ -362,3 +364,57 @@ def test_lightning_ddp_with_two_cpu_processes(tmp_path):
     assert widths == {2 * cfg.batch_size + 2}
     assert np.isfinite(float(next(r["train/loss"] for r in rows if r.get("train/loss"))))
     assert (cfg.out / "model.safetensors").is_file()
+
+
+def test_the_export_attaches_the_whitening_blend_only_where_validation_agrees(
+    tmp_path, monkeypatch
+):
+    """The default recipe exports (1 − a)·QuARI + a·whitened cosine with W fitted on the
+    training rows, validated again; a W that lowers validation is left off, and the card says
+    so. Training itself never sees the blend."""
+    import quari.training.loop as loop
+    from quari.training.data import TrainingData
+    from quari.whitening import fit_whitening
+
+    # Captions whose 4 strongest directions are noise and whose 20 weak ones name the image:
+    # cosine is dominated by the noise, whitening weighs the weak directions up.
+    rng = np.random.default_rng(0)
+    n = 120
+    identity = rng.standard_normal((n, 20)) * 0.3
+    images = np.hstack([rng.standard_normal((n, 4)) * 3, identity])
+    captions = np.hstack([rng.standard_normal((n, 4)) * 3, identity + rng.normal(0, 0.1, (n, 20))])
+    eset = EmbeddingSet.create(tmp_path / "set", dim=24, encoder="test-encoder")
+    eset.append(images, {"image_id": np.arange(n)}, captions)
+
+    def run(out):
+        cfg = TrainConfig(
+            train=(TrainSource(tmp_path / "set"),), out=tmp_path / out, image_key="image_id",
+            val_fraction=0.3, rank=4, hidden_dim=16, num_layers=1, num_heads=2, batch_size=16,
+            max_steps=6, semipos=False, progress=False, accelerator="cpu",
+        )  # fmt: skip
+        assert cfg.blend_weight == 0.5  # the default recipe's; the paper's has none
+        assert cfg.with_(preset="paper", blend_weight=None).blend_weight == 0.0
+        return cfg, train(cfg)
+
+    cfg, result = run("kept")
+    model = load(tmp_path / "kept")
+    info = model.metadata["blend"]
+    without = info["metrics_without_blend"]["val/mAP"]
+    assert info["attached"] == "yes" and result.metrics["val/mAP"] >= without
+    assert model.config.blend_weight == 0.5
+    data = TrainingData.from_config(cfg, progress=False)
+    torch.testing.assert_close(model.whitening, fit_whitening(data.train_sample(), 0.01))
+    queries, gallery, target = data.val_vectors()
+    again = validation_metrics(model, queries, gallery, target)
+    assert again["val/mAP"] == pytest.approx(result.metrics["val/mAP"], abs=1e-6)
+
+    # A W that sorts items by the sign of one coordinate wrecks the ranking: left off.
+    wrecking = torch.zeros(24, 24)
+    wrecking[0, 0] = 1.0
+    monkeypatch.setattr(loop, "fit_whitening", lambda rows, shrinkage: wrecking)
+    cfg, result = run("dropped")
+    model = load(tmp_path / "dropped")
+    assert model.config.blend_weight == 0 and not hasattr(model, "whitening")
+    assert model.metadata["blend"]["attached"].startswith("no: val/mAP")
+    card = (tmp_path / "dropped" / "README.md").read_text()
+    assert "static blend not attached (no: val/mAP" in card

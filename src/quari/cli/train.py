@@ -10,14 +10,18 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 
+from quari.adapters import LinearAdapter
 from quari.checkpoint import validation_verdict
 from quari.cli import app, console, friendly_errors
+from quari.fileio import read_json
 from quari.store import EmbeddingSet
 from quari.training.config import TrainConfig, TrainSource
 from quari.training.mining import MiningConfig, mine_semipositives
 from quari.validation import QuARIInputError
+from quari.whitening import DEFAULT_SHRINKAGE
 
 
 @app.command()
@@ -151,6 +155,20 @@ def train_command(
             "text→image quality (docs/results.md, retrieval quality)."
         ),
     ] = 0.07,
+    blend_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Weight a of the whitened cosine mixed into the exported model's score, "
+            "(1 − a)·QuARI + a·cos(Wq, Wd) (default: preset's — 0.5, paper 0; 0 = QuARI alone)."
+        ),
+    ] = None,
+    whitening_shrinkage: Annotated[
+        float,
+        typer.Option(
+            help="Shrinkage of the whitening W (--blend-weight, --adapter whitening): smaller "
+            "buys image→image with text→image."
+        ),
+    ] = DEFAULT_SHRINKAGE,
     max_steps: Annotated[int | None, typer.Option(help="Optimiser steps (else epochs).")] = None,
     epochs: Annotated[int, typer.Option(help="Epochs when --max-steps is not given.")] = 10,
     warmup_steps: Annotated[int | None, typer.Option(help="Warm-up steps (cosine).")] = None,
@@ -187,9 +205,11 @@ def train_command(
     adapter: Annotated[
         str,
         typer.Option(
-            help="quari (the hypernetwork) or linear (the static linear-adaptation baseline, "
+            help="quari (the hypernetwork), linear (the static linear-adaptation baseline, "
             "trained on the same pairs and split; uses --epochs, --max-steps, --batch-size, "
-            "--lr, --seed, --out-dim, and --rank for the low-rank form W = I + L Rᵀ)."
+            "--lr, --seed, --out-dim, and --rank for the low-rank form W = I + L Rᵀ) or "
+            "whitening (the sets' shrinkage whitening, no training; uses "
+            "--whitening-shrinkage)."
         ),
     ] = "quari",
     out_dim: Annotated[
@@ -222,8 +242,21 @@ def train_command(
             f"{done.best_epoch + 1}); validation {_validation_summary(done.metrics)}"
         )
         return
+    if adapter == "whitening":
+        sets = [EmbeddingSet.open(TrainSource.parse(t).path) for t in train]
+        vectors = np.concatenate(
+            [s.gather(range(s.rows), kind) for s in sets for kind in ("image", "text")]
+        )
+        encoder = sets[0].encoder
+        whitening = LinearAdapter.whitening(vectors, whitening_shrinkage, {"encoder": encoder})
+        whitening.save(out)
+        console.print(
+            f"fitted the whitening of {len(vectors) // 2:,} rows' images and captions "
+            f"(shrinkage {whitening_shrinkage:g}) → {out}"
+        )
+        return
     if adapter != "quari":
-        raise QuARIInputError(f"--adapter must be quari or linear, got {adapter!r}")
+        raise QuARIInputError(f"--adapter must be quari, linear or whitening, got {adapter!r}")
     from quari.training.loop import train as run_training
 
     config = TrainConfig(
@@ -251,6 +284,8 @@ def train_command(
         batch_size=batch_size,
         lr=lr,
         temperature=temperature,
+        blend_weight=blend_weight,
+        whitening_shrinkage=whitening_shrinkage,
         max_steps=max_steps,
         max_epochs=epochs,
         warmup_steps=warmup_steps,
@@ -287,10 +322,17 @@ def train_command(
     if result.exported == "start":
         console.print(
             "Every validated checkpoint scored below the starting point, so the exported model "
-            "is that start: it ranks exactly as plain cosine. Training did not improve on plain "
-            "cosine for this data.",
+            "is that start: it ranks exactly as plain cosine"
+            + (" (mixed with the whitened cosine)" if _blended(result.model_dir) else "")
+            + ". Training did not improve on plain cosine for this data.",
             style="bold yellow",
         )
+
+
+def _blended(folder: Path) -> bool:
+    """The exported model carries the static blend (the trainer leaves it off when it lowers
+    validation)."""
+    return bool(read_json(folder / "config.json")["config"].get("blend_weight"))
 
 
 def _validation_summary(m: dict[str, float]) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from quari.hypernet import HyperNetConfig
 from quari.training.mining import MiningConfig
 from quari.validation import QuARIInputError, check_fields
+from quari.whitening import DEFAULT_SHRINKAGE
 
 __all__ = ["PRESETS", "SHAPES", "TrainConfig", "TrainSource", "default_lr", "device_kind"]
 
@@ -68,6 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "false_negative_threshold": 0.0,
         "noise": "relative",
         "noise_scale": 0.5,
+        "blend_weight": 0.5,
         "shape": "device",
     },
     "paper": {
@@ -83,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "false_negative_threshold": 0.0,
         "noise": "paper",
         "noise_scale": 1.0,
+        "blend_weight": 0.0,
         "shape": "paper",
     },
     "reference": {
@@ -98,6 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "false_negative_threshold": 0.0,
         "noise": "paper",
         "noise_scale": 1.0,
+        "blend_weight": 0.0,
         "shape": "paper",
     },
 }
@@ -227,6 +231,12 @@ class TrainConfig:
             caption is at least this (likely relevant, not negatives); 0 = off (the paper).
         relevance_negatives: With ``relevance_key``: in-batch images sharing the caption's
             relevance key are not its negatives (they are relevant by the user's definition).
+        blend_weight: a of the exported model's static blend, s = (1 − a)·cos(q′, T d) +
+            a·cos(W q, W d) with W the training embeddings' shrinkage whitening
+            (:class:`~quari.hypernet.HyperNetConfig`, :mod:`quari.whitening`); 0 = none.
+            Training itself is the same either way: W is fitted and attached when the run
+            exports (None: the preset's — 0.5 in the default recipe, 0 in the paper's).
+        whitening_shrinkage: s of the whitening (:func:`quari.whitening.fit_whitening`).
         mining: How semi-positives are mined (mined on first use if missing).
         normalize_targets: Renormalise each query's target row (1 + Σw) to sum to 1.
         noise: ``"paper"``: q + σ·s·ε, ε ~ N(0, I_E), ‖noise‖ ≈ σ·s·√E (the paper's Eq. 8);
@@ -302,6 +312,8 @@ class TrainConfig:
     normalize_targets: bool = False
     noise: Literal["paper", "relative"] | None = None
     noise_scale: float | None = None
+    blend_weight: float | None = None
+    whitening_shrinkage: float = DEFAULT_SHRINKAGE
     seed: int = 0
     devices: int = 1
     num_nodes: int = 1
@@ -383,10 +395,10 @@ class TrainConfig:
         for name in ("lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise QuARIInputError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("min_lr", "weight_decay", "grad_clip", "noise_scale"):
+        for name in ("min_lr", "weight_decay", "grad_clip", "noise_scale", "whitening_shrinkage"):
             if not getattr(self, name) >= 0:
                 raise QuARIInputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
-        for name in ("image_queries", "false_negative_threshold"):
+        for name in ("image_queries", "false_negative_threshold", "blend_weight"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise QuARIInputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.num_workers < 0:

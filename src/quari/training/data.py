@@ -396,6 +396,21 @@ class TrainingData:
         gallery = self._gather(self.val, gallery_rows, "image")
         return queries, gallery, torch.from_numpy(target.astype(np.int64))
 
+    def train_sample(self, max_rows: int = 100_000) -> torch.Tensor:
+        """Image and caption embeddings of up to ``max_rows`` training rows (seeded, spread
+        over the sets by their sizes), stacked: (2·rows, E) unit-norm fp32 — what the run's
+        whitening is fitted on (:func:`quari.whitening.fit_whitening`)."""
+        rng = np.random.default_rng([self.seed, 12])
+        total = sum(s.train_rows.size for s in self.sources)
+        parts = []
+        for source in self.sources:
+            n = round(max_rows * source.train_rows.size / max(total, 1))
+            rows = source.train_rows
+            if rows.size > n:
+                rows = np.sort(rng.choice(rows, n, replace=False))
+            parts += [self._gather(source, rows, kind) for kind in ("image", "text")]
+        return torch.cat(parts)
+
     def _gather(self, source: Source, rows: np.ndarray, kind: str) -> torch.Tensor:
         if isinstance(source, _MergedSource):
             out = np.empty((rows.size, self.dim), dtype=np.float32)

@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from quari.training.callbacks import (
 from quari.training.config import TrainConfig
 from quari.training.data import ResumableBatchSampler, ResumableLoader, TrainingData
 from quari.training.module import SELECTION_METRIC, QuARITrainingModule, validation_metrics
+from quari.whitening import fit_whitening
 
 __all__ = ["PairDataModule", "RunCheckpoints", "TrainResult", "train"]
 
@@ -430,7 +431,7 @@ def _run(config: TrainConfig, resume: bool, callbacks: list[Callback] | None) ->
             "none",
             interrupted=signal.Signals(stop.signum).name,
         )
-    return _export(config, (queries, gallery, query_keys, gallery_keys), selection)
+    return _export(config, data, (queries, gallery, query_keys, gallery_keys), selection)
 
 
 def _total_steps(config: TrainConfig, data: TrainingData) -> int:
@@ -472,11 +473,15 @@ def _device_name(config: TrainConfig) -> str:
 
 
 def _export(
-    config: TrainConfig, validation: tuple[torch.Tensor, ...], selection: str
+    config: TrainConfig,
+    data: TrainingData,
+    validation: tuple[torch.Tensor, ...],
+    selection: str,
 ) -> TrainResult:
     """Exports the best model-folder checkpoint (by the selection metric, the last weights
-    validated here too) or the last one to ``config.out``; the model card carries the
-    validation metrics of the exported weights beside the frozen baseline's."""
+    validated here too) or the last one to ``config.out``, with the static blend attached
+    when the config asks for one; the model card carries the validation metrics of the
+    exported model beside the frozen baseline's."""
     folder = config.out / CHECKPOINTS
     steps = sorted(folder.glob("step-*"))
     if not steps:
@@ -507,9 +512,52 @@ def _export(
         if start.metadata["metrics"][SELECTION_METRIC] > score:
             model, exported = start, "start"
     model.metadata["exported"] = f"{exported} (step {model.metadata.get('steps')})"
+    if config.blend_weight:
+        model = _with_blend(model, config, data, validation)
     save(model, config.out)
     metrics = {k: float(v) for k, v in (model.metadata.get("metrics") or {}).items()}
     return TrainResult(config.out, final_steps, metrics, exported)
+
+
+def _with_blend(
+    model: QuARIModel,
+    config: TrainConfig,
+    data: TrainingData,
+    validation: tuple[torch.Tensor, ...],
+) -> QuARIModel:
+    """``model`` with the static blend of ``config.blend_weight`` — W fitted on the training
+    embeddings — if that does not lower the selection metric on validation; else ``model``
+    as it is. Either way the card says what the blend scored.
+
+    The checkpoint is chosen before the blend joins (training never sees it: it is fixed).
+    The check keeps a space that whitening hurts (one whose weak directions are noise for this
+    data) from losing quality to a default.
+    """
+    sample = data.train_sample()
+    state = model.state_dict()
+    state["whitening"] = fit_whitening(sample, config.whitening_shrinkage)
+    blended = QuARIModel(replace(model.config, blend_weight=config.blend_weight)).eval()
+    blended.load_state_dict(state)
+    queries, gallery, keys, gallery_keys = validation
+    metrics = validation_metrics(blended, queries, gallery, keys, gallery_keys=gallery_keys)
+    metrics = {k: round(v, 6) for k, v in metrics.items()}
+    without = model.metadata.get("metrics") or {}
+    info = {
+        "weight": config.blend_weight,
+        "whitening": f"shrinkage {config.whitening_shrinkage:g}, fitted on the image and "
+        f"caption embeddings of {sample.shape[0] // 2:,} training rows",
+    }
+    if metrics[SELECTION_METRIC] < without.get(SELECTION_METRIC, float("-inf")):
+        info["attached"] = (
+            f"no: {SELECTION_METRIC} {metrics[SELECTION_METRIC]:.4f} with it, "
+            f"{without[SELECTION_METRIC]:.4f} without"
+        )
+        model.metadata["blend"] = info
+        return model
+    info["attached"] = "yes"
+    info["metrics_without_blend"] = without
+    blended.metadata = {**model.metadata, "metrics": metrics, "blend": info}
+    return blended
 
 
 def _identity_start(trained: QuARIModel, validation: tuple[torch.Tensor, ...]) -> QuARIModel:

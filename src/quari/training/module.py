@@ -257,9 +257,11 @@ def _batch_stats(
     # Exact fp32 scoring even under bf16 autocast (ranks hinge on small score gaps).
     with torch.autocast(queries.device.type, enabled=False):
         ad = model(queries.float())
+        blend = None if ad.blend is None else ad.blend.map(torch.Tensor.float)
         ad = Adaptation(
-            ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale
-        )
+            ad.refined_query.float(), ad.U.float(), ad.V.float(), ad.variant, ad.anchor_scale,
+            blend=blend,
+        )  # fmt: skip
         adapted = _per_query(ad.score(gallery), keys, gallery_keys)
         cosine = _per_query(queries.float() @ gallery.T, keys, gallery_keys)
     rows = [adapted.sum(0), cosine.sum(0), ((adapted - cosine) ** 2).sum(0)]
