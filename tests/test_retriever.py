@@ -319,7 +319,7 @@ def test_every_mode_ranks_a_blended_model_exactly(tmp_path):
     candidates, return the oracle's top k — (1 − a)·cos(q′, T d) + a·cos(W q, W d)."""
     from quari.retriever import MODES
 
-    eset, stored, _ = make_set(tmp_path / "set", shards=(120, 80))
+    eset, stored, meta = make_set(tmp_path / "set", shards=(120, 80))
     torch.manual_seed(3)
     model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.6)).eval()
     model.metadata["encoder"] = "test-encoder"
@@ -338,3 +338,19 @@ def test_every_mode_ranks_a_blended_model_exactly(tmp_path):
     for mode in modes:
         res = retriever.search(q, 5, mode=mode, candidates=200, with_metadata=False)
         assert_topk_matches(res.ids, res.scores, oracle, 5, 2e-5)
+    # The scan read ‖W d‖ from the retriever's per-set cache (filled by the first scan) ...
+    norms = retriever._blend_norms[1]
+    torch.testing.assert_close(norms.double(), (d @ W.double().T).norm(dim=1), atol=1e-5, rtol=0)
+    # ... which serves a filtered scan too (the selected rows' norms), and a changed W
+    # is noticed (the cache key holds W's sums), not scored with stale norms.
+    group = meta.column("group").to_numpy()
+    res = retriever.search(q, 5, mode="scan", where="group == 2", with_metadata=False)
+    masked = np.where(group[None, :] == 2, oracle, -np.inf)
+    assert_topk_matches(res.ids, res.scores, masked, 5, 2e-5)
+    model.whitening.mul_(torch.linspace(0.5, 2, 24))
+    res = retriever.search(q, 5, mode="scan", with_metadata=False)
+    W2 = model.whitening.double()
+    wq = torch.nn.functional.normalize(torch.from_numpy(q).double() @ W2.T, dim=-1)
+    wd = torch.nn.functional.normalize(d @ W2.T, dim=-1)
+    assert_topk_matches(res.ids, res.scores, 0.4 * dense_scores(ad, d) + 0.6 * (wq @ wd.T).numpy(),
+                        5, 2e-5)  # fmt: skip

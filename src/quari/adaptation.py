@@ -38,7 +38,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -70,6 +70,9 @@ class StaticBlend:
         matrix: W (E, E), the same for every query and item.
         queries: (B, E) Wᵀŵ with ŵ = W q / ‖W q‖: the numerator is its inner product with d.
         weight: a, in [0, 1].
+        row_norms: Optional (N,) ‖W d‖ of the rows a :meth:`Adaptation.scan` streams, by their
+            offset in the stream (:meth:`quari.retriever.Retriever` keeps them per set): the
+            scan reads them instead of forming the E×E product per block.
 
     Example:
         >>> W, q, d = torch.eye(4), torch.randn(2, 4), torch.randn(5, 4)
@@ -82,6 +85,7 @@ class StaticBlend:
     matrix: torch.Tensor
     queries: torch.Tensor
     weight: float
+    row_norms: torch.Tensor | None = None
 
     @classmethod
     def of(cls, matrix: torch.Tensor, queries: torch.Tensor, weight: float) -> StaticBlend:
@@ -91,26 +95,55 @@ class StaticBlend:
         W = matrix.to(queries)
         return cls(W, F.normalize(queries @ W.T, dim=-1) @ W, float(weight))
 
-    def scores(self, d: torch.Tensor) -> torch.Tensor:
-        """cos(W q, W d) of (N, E) shared items, (B, N), or (B, M, E) per-query ones, (B, M)."""
-        W, w = self.matrix.to(d.dtype), self.queries.to(d.dtype)
-        norm = torch.linalg.vector_norm(d @ W.T, dim=-1).clamp_min(EPS)
+    def scores(self, d: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        """cos(W q, W d) of (N, E) shared items, (B, N), or (B, M, E) per-query ones, (B, M).
+        ``start``: the items are rows ``start …`` of the scanned stream (use
+        :attr:`row_norms`, when held, for their ‖W d‖)."""
+        w = self.queries.to(d.dtype)
+        if start is not None and self.row_norms is not None:
+            norm = self.row_norms[start : start + d.shape[0]]
+            if norm.shape[0] != d.shape[0]:
+                raise QuARIInputError(
+                    f"blend: row_norms hold {self.row_norms.shape[0]} rows; the scan streams "
+                    f"rows up to {start + d.shape[0]}"
+                )
+            norm = norm.to(d.device, d.dtype).clamp_min(EPS)
+        else:
+            norm = torch.linalg.vector_norm(d @ self.matrix.to(d.dtype).T, dim=-1).clamp_min(EPS)
         if d.ndim == 2:
             return (w @ d.T) / norm
         return (d @ w[..., None])[..., 0] / norm
 
-    def mix(self, adapted: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def mix(self, adapted: torch.Tensor, d: torch.Tensor, start: int | None = None) -> torch.Tensor:
         """(1 − a)·``adapted`` + a·:meth:`scores` (float32)."""
         a = self.weight
-        return ((1 - a) * adapted.to(d.dtype) + a * self.scores(d)).float()
+        return ((1 - a) * adapted.to(d.dtype) + a * self.scores(d, start)).float()
 
     def map(self, fn) -> StaticBlend:
         """The same blend with ``fn`` applied to its tensors (a device move, a detach)."""
-        return StaticBlend(fn(self.matrix), fn(self.queries), self.weight)
+        return replace(self, matrix=fn(self.matrix), queries=fn(self.queries))
 
     def take(self, index: Any) -> StaticBlend:
         """The blend of some of the batch's queries."""
-        return StaticBlend(self.matrix, self.queries[index], self.weight)
+        return replace(self, queries=self.queries[index])
+
+    def with_row_norms(self, row_norms: torch.Tensor | None) -> StaticBlend:
+        """The same blend reading ``row_norms`` (see the attribute) in scans."""
+        return replace(self, row_norms=row_norms)
+
+    @staticmethod
+    def norms_of(
+        matrix: torch.Tensor, chunks: Iterable[tuple[int, Any]], rows: int
+    ) -> torch.Tensor:
+        """(rows,) float32 ‖W d‖ of every row a stream of ``(offset, array)`` chunks holds —
+        what :attr:`row_norms` caches (one E×E product per row, once)."""
+        out = torch.empty(rows)
+        W = matrix.float().cpu()
+        for offset, chunk in checked_chunks(chunks, W.shape[1]):
+            out[offset : offset + chunk.shape[0]] = torch.linalg.vector_norm(
+                chunk.float() @ W.T, dim=-1
+            )
+        return out
 
 
 class Adaptation:
@@ -493,7 +526,7 @@ class Adaptation:
                 norm2 = torch.linalg.vector_norm(block, dim=-1, keepdim=True).square_()
             scores = plan.epilogue(z, norm2)  # (n, B)
             if blend is not None:
-                scores = blend.mix(scores.T, block).T
+                scores = blend.mix(scores.T, block, start).T
             if not torch.isfinite(scores).all():
                 raise_nonfinite(block, start)
             top = torch.topk(scores, min(k, part.shape[0]), dim=0)

@@ -158,6 +158,8 @@ class Retriever:
                 f"rescore_from must be 'set' or 'index' (with an index), got {rescore_from!r}"
             )
         self.rescore_from = rescore_from
+        # ‖W d‖ of every row for a blended model's W (StaticBlend.row_norms): (key, norms)
+        self._blend_norms: tuple[tuple, torch.Tensor] | None = None
 
     # -- queries --------------------------------------------------------------------------------
     def encode(
@@ -393,16 +395,39 @@ class Retriever:
                 top = self.scan_engine.scan(self.eset, ad, k, rows=selection)
                 out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
             elif selection is None:
-                top = ad.scan(self.eset.iter_chunks(), k)
+                top = self._with_row_norms(ad, None).scan(self.eset.iter_chunks(), k)
                 out = _pad(top.ids.cpu().numpy(), top.scores.cpu().numpy(), k)
             elif selection.size == 0:
                 empty = np.empty((len(ad), 0), np.int64)
                 out = _pad(empty, empty.astype(np.float32), k)
             else:
+                ad = self._with_row_norms(ad, selection)
                 top = ad.scan(self.eset.iter_gathered(selection), k)
                 out = _pad(selection[top.ids.cpu().numpy()], top.scores.cpu().numpy(), k)
         timings["rescore"] += time.perf_counter() - t0
         return out
+
+    def _with_row_norms(self, ad: Adaptation, selection: np.ndarray | None) -> Adaptation:
+        """``ad`` with its static blend reading the set's ‖W d‖ from a per-set cache (computed
+        on the first scan: one E×E product per row, 4 bytes per row kept), so that later scans
+        skip that product; ``ad`` itself when it has no blend."""
+        blend = ad.blend
+        if blend is None:
+            return ad
+        W = blend.matrix
+        # W's own sums stand for its values (E² additions): a model changed in place is noticed
+        checksum = (float(W.double().sum()), float(W.double().square().sum()))
+        key = (W.data_ptr(), tuple(W.shape), checksum, self.eset.rows, self.eset.fingerprint)
+        if self._blend_norms is None or self._blend_norms[0] != key:
+            norms = blend.norms_of(W, self.eset.iter_chunks(), self.eset.rows)
+            self._blend_norms = (key, norms)
+        norms = self._blend_norms[1]
+        if selection is not None:
+            norms = norms[torch.from_numpy(selection)]
+        return Adaptation(
+            ad.refined_query, ad.U, ad.V, ad.variant, ad.anchor_scale, normalized=True,
+            blend=blend.with_row_norms(norms.to(ad.device)),
+        )  # fmt: skip
 
     def _via_index(
         self,
