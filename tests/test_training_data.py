@@ -95,6 +95,21 @@ def test_default_recipe_follows_the_model_size(tmp_path):
     assert TrainConfig.from_dict(big.to_dict()) == big
 
 
+def test_the_static_blend_follows_the_device(tmp_path, monkeypatch):
+    """The default recipe blends the whitened cosine at the CPU size, where it was measured,
+    and not at the paper's size on a GPU; given explicitly it wins; the paper has none."""
+    import torch
+
+    src = (TrainSource(Path("s")),)
+    assert TrainConfig(train=src, out=tmp_path, accelerator="cpu").blend_weight == 0.5
+    assert TrainConfig(train=src, out=tmp_path, preset="paper").blend_weight == 0.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = TrainConfig(train=src, out=tmp_path)
+    assert (gpu.hidden_dim, gpu.blend_weight) == (512, 0.0)
+    assert TrainConfig(train=src, out=tmp_path, blend_weight=0.25).blend_weight == 0.25
+    assert TrainConfig.from_dict(gpu.to_dict()) == gpu
+
+
 def test_split_is_by_image_and_seeded(tmp_path):
     planted(tmp_path / "s", 100, captions=3)
     data = TrainingData.from_config(config(tmp_path, str(tmp_path / "s"), val_fraction=0.2))

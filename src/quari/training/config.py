@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "false_negative_threshold": 0.0,
         "noise": "relative",
         "noise_scale": 0.5,
-        "blend_weight": 0.5,
+        "blend_weight": "by device",  # 0.5 at the CPU size, 0 at the paper's (see below)
         "shape": "device",
     },
     "paper": {
@@ -235,7 +235,8 @@ class TrainConfig:
             a·cos(W q, W d) with W the training embeddings' shrinkage whitening
             (:class:`~quari.hypernet.HyperNetConfig`, :mod:`quari.whitening`); 0 = none.
             Training itself is the same either way: W is fitted and attached when the run
-            exports (None: the preset's — 0.5 in the default recipe, 0 in the paper's).
+            exports (None: the preset's — in the default recipe 0.5 at the CPU size and 0 at the
+            paper's size, where it is unmeasured; 0 in the paper's recipe).
         whitening_shrinkage: s of the whitening (:func:`quari.whitening.fit_whitening`).
         mining: How semi-positives are mined (mined on first use if missing).
         normalize_targets: Renormalise each query's target row (1 + Σw) to sum to 1.
@@ -354,6 +355,10 @@ class TrainConfig:
         for name, value in {**preset, **SHAPES[shape]}.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.blend_weight == "by device":
+            # Measured at the CPU size only (docs/method.md §5.6); at the paper's size on a GPU
+            # it is unmeasured and the fused scan kernel does not score it yet.
+            object.__setattr__(self, "blend_weight", 0.5 if shape == "cpu" else 0.0)
         if self.lr == "by size":
             object.__setattr__(self, "lr", default_lr(self.hidden_dim, self.rank))
         if self.decoder_norm == "by size":
