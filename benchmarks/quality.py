@@ -63,6 +63,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -75,18 +76,24 @@ from quari.eval.protocols.custom import CustomEvaluator
 from quari.eval.report import write_report
 from quari.store import EmbeddingSet
 from quari.training import TrainConfig, TrainSource, train
+from quari.whitening import DEFAULT_SHRINKAGE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACKS = ("t2i", "i2i")
-HEADLINE = ("cosine", "linear", "static low-rank", "default")
+HEADLINE = ("cosine", "linear", "static low-rank", "default")  # rows run at --seeds seeds
 #: Row name → TrainConfig changes from the defaults (None: not a QuARI row).
 ROWS: dict[str, dict | None] = {
     "cosine": None,
     "linear": None,
     "static low-rank": None,
+    # The training embeddings' shrinkage whitening alone (LinearAdapter.whitening): no labels,
+    # no training — the static part the default's blend mixes in.
+    "whitening": None,
     "default": {},  # on a CPU: rank 16, 1 refinement step (so also the "rank 16", "steps 1" rows)
     # The default's run, scored by the mean of its maps (run_row): no per-query part.
-    "mean map": {},
+    "mean map": {"blend_weight": 0.0},  # (a mean of maps has no place for the blend)
+    # The default's hypernetwork alone, without the whitened cosine mixed into its score.
+    "no blend": {"blend_weight": 0.0},
     "no noise": {"noise_scale": 0.0},
     "no semi-positives": {"semipos": False},
     # Iterative refinement, the CPU default until 2026-11-30 (third session); against the
@@ -148,7 +155,7 @@ def row_config(
 ) -> TrainConfig | LinearTrainConfig | None:
     """The training run behind ``row`` at ``seed`` (None: cosine, nothing to train)."""
     source = (TrainSource(track / "train"),)
-    if row == "cosine":
+    if row in ("cosine", "whitening"):
         return None
     if row in ("linear", "static low-rank"):
         # the low-rank form at the rank the default recipe resolves to on this machine
@@ -166,6 +173,11 @@ def recipe(track: Path, row: str, max_steps: int | None) -> dict | None:
     """Every setting of ``row``'s training run except paths and seed, as JSON would store it:
     a kept row whose recipe differs (a default changed since) is measured again."""
     cfg = row_config(track, row, 0, Path("out"), max_steps)
+    if row == "whitening":
+        return {
+            "shrinkage": DEFAULT_SHRINKAGE,
+            "fitted_on": "every training row's image and caption",
+        }
     if cfg is None:
         return None
     data = cfg.to_dict() if isinstance(cfg, TrainConfig) else asdict(cfg)
@@ -181,6 +193,18 @@ def run_row(
     out = work / f"{row.replace(' ', '-')}-{seed}"
     started = time.perf_counter()
     cfg = row_config(track, row, seed, out, max_steps)
+    if row == "whitening":
+        rows = EmbeddingSet.open(track / "train")
+        everything = range(rows.rows)
+        vectors = np.concatenate(
+            [rows.gather(everything, "image"), rows.gather(everything, "text")]
+        )
+        results = evaluate(track, split, LinearAdapter.whitening(vectors), row)
+        return {
+            **_scores(results),
+            "train_s": round(time.perf_counter() - started, 1),
+            "steps": 0,
+        }, results
     if cfg is None:
         results = evaluate(track, split, None, row)
         return {**_scores(results), "train_s": 0.0, "steps": 0}, results
