@@ -63,7 +63,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,7 +75,7 @@ from quari.eval.protocols.custom import CustomEvaluator
 from quari.eval.report import write_report
 from quari.store import EmbeddingSet
 from quari.training import TrainConfig, TrainSource, train
-from quari.whitening import DEFAULT_SHRINKAGE
+from quari.whitening import DEFAULT_SHRINKAGE, set_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACKS = ("t2i", "i2i")
@@ -194,11 +193,7 @@ def run_row(
     started = time.perf_counter()
     cfg = row_config(track, row, seed, out, max_steps)
     if row == "whitening":
-        rows = EmbeddingSet.open(track / "train")
-        everything = range(rows.rows)
-        vectors = np.concatenate(
-            [rows.gather(everything, "image"), rows.gather(everything, "text")]
-        )
+        vectors = set_rows([EmbeddingSet.open(track / "train")])
         results = evaluate(track, split, LinearAdapter.whitening(vectors), row)
         return {
             **_scores(results),

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,27 @@ import torch
 from quari.errors import QuARIInputError
 from quari.validation import as_embeddings
 
-__all__ = ["DEFAULT_SHRINKAGE", "fit_whitening"]
+__all__ = ["DEFAULT_SHRINKAGE", "fit_whitening", "set_rows"]
 
 #: s of the formula above: on the Fashion-MNIST tracks' validation splits 0.01 lifts
 #: image→image by 11–40 % and keeps text→image at or above plain cosine; smaller values buy
 #: more image→image with text→image (docs/results.md, "Whitening and the static blend").
 DEFAULT_SHRINKAGE = 0.01
+
+
+def set_rows(sets: Sequence[Any]) -> np.ndarray:
+    """Every image and caption row of some :class:`~quari.store.EmbeddingSet` s, stacked —
+    what ``quari train --adapter whitening`` fits on.
+
+    Args:
+        sets: Open embedding sets with caption (``text``) vectors.
+
+    Returns:
+        (2·rows, E) array in the sets' stored dtype.
+    """
+    return np.concatenate(
+        [s.gather(range(s.rows), kind) for s in sets for kind in ("image", "text")]
+    )
 
 
 def fit_whitening(vectors: Any, shrinkage: float = DEFAULT_SHRINKAGE) -> torch.Tensor:

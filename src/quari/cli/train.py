@@ -10,7 +10,6 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from quari.adapters import LinearAdapter
@@ -21,7 +20,7 @@ from quari.store import EmbeddingSet
 from quari.training.config import TrainConfig, TrainSource
 from quari.training.mining import MiningConfig, mine_semipositives
 from quari.validation import QuARIInputError
-from quari.whitening import DEFAULT_SHRINKAGE
+from quari.whitening import DEFAULT_SHRINKAGE, set_rows
 
 
 @app.command()
@@ -159,7 +158,8 @@ def train_command(
         float | None,
         typer.Option(
             help="Weight a of the whitened cosine mixed into the exported model's score, "
-            "(1 − a)·QuARI + a·cos(Wq, Wd) (default: preset's — 0.5, paper 0; 0 = QuARI alone)."
+            "(1 − a)·QuARI + a·cos(Wq, Wd) (default: preset's — 0.5 on a CPU, 0 on a GPU and "
+            "in the paper preset; 0 = QuARI alone)."
         ),
     ] = None,
     whitening_shrinkage: Annotated[
@@ -244,9 +244,7 @@ def train_command(
         return
     if adapter == "whitening":
         sets = [EmbeddingSet.open(TrainSource.parse(t).path) for t in train]
-        vectors = np.concatenate(
-            [s.gather(range(s.rows), kind) for s in sets for kind in ("image", "text")]
-        )
+        vectors = set_rows(sets)
         encoder = sets[0].encoder
         whitening = LinearAdapter.whitening(vectors, whitening_shrinkage, {"encoder": encoder})
         whitening.save(out)
