@@ -108,3 +108,32 @@ def test_the_retriever_and_the_command_line_scan_on_ray(cluster, tied_set, tmp_p
     assert ray.is_initialized()  # the CLI joined the running Ray and left it running
     bad = runner.invoke(app, [*args, "--engine", "spark"])
     assert bad.exit_code == 2 and "--engine must be local or ray" in bad.output
+
+
+def test_a_blended_model_scans_on_ray_as_in_one_process_and_keeps_its_norms(cluster, tied_set):
+    """The static blend's ‖W d‖: the first whole-set scan's tasks compute them (returned and
+    kept by the engine, equal to the single-process cache), later scans — whole or filtered —
+    ship each task its slice; every result equals the local Retriever's, ids and scores."""
+    tied_set, _ = tied_set
+    torch.manual_seed(2)
+    model = QuARIModel(tiny_config("reference", blend_weight=0.4)).eval()
+    model.whitening.copy_(torch.randn(24, 24) + 3 * torch.eye(24))
+    q = np.random.default_rng(5).standard_normal((3, 24)).astype(np.float32)
+    local = Retriever(tied_set, model)
+    engine = RayScan(RayScanConfig(workers=2))
+    on_ray = Retriever(tied_set, model, scan_engine=engine, exact_below=0)
+    for kw in ({}, {"where": "group == 1"}, {}):
+        want = local.search(q, k=30, mode="scan", with_metadata=False, **kw)
+        got = on_ray.search(q, k=30, mode="scan", with_metadata=False, **kw)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.scores, want.scores)
+        assert engine._norms is not None  # kept from the first (whole-set) scan on
+        np.testing.assert_array_equal(engine._norms[1], local._blend_norms[1].numpy())
+    # another W is another key: the kept norms are not read for it
+    model.whitening.mul_(torch.linspace(0.5, 2, 24))
+    kept = engine._norms
+    want = local.search(q, k=30, mode="scan", with_metadata=False)
+    got = on_ray.search(q, k=30, mode="scan", with_metadata=False)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    assert engine._norms[0] != kept[0]

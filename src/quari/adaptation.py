@@ -131,6 +131,12 @@ class StaticBlend:
         """The same blend reading ``row_norms`` (see the attribute) in scans."""
         return replace(self, row_norms=row_norms)
 
+    def matrix_key(self) -> tuple[tuple[int, ...], float, float]:
+        """W's shape and sums (E² additions): what a cache of ‖W d‖ is keyed by, so that a
+        model changed in place — or another W — is noticed without keeping a copy of W."""
+        W = self.matrix.double()
+        return tuple(self.matrix.shape), float(W.sum()), float(W.square().sum())
+
     @staticmethod
     def norms_of(
         matrix: torch.Tensor, chunks: Iterable[tuple[int, Any]], rows: int
@@ -291,6 +297,17 @@ class Adaptation:
             self.anchor_scale,
             blend=None if self.blend is None else self.blend.map(lambda t: t.to(device)),
         )
+
+    def with_blend(self, blend: StaticBlend | None) -> Adaptation:
+        """The same adaptation with ``blend`` mixed in instead of its own (sharing the factors
+        and, once computed, the scoring plan: the blend is not part of it)."""
+        out = Adaptation(
+            self.refined_query, self.U, self.V, self.variant, self.anchor_scale,
+            normalized=True, blend=blend,
+        )  # fmt: skip
+        if "plan" in self.__dict__:  # cached_property's slot
+            out.__dict__["plan"] = self.__dict__["plan"]
+        return out
 
     def detach(self) -> Adaptation:
         """A copy cut from the autograd graph."""

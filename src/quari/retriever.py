@@ -415,19 +415,14 @@ class Retriever:
         if blend is None:
             return ad
         W = blend.matrix
-        # W's own sums stand for its values (E² additions): a model changed in place is noticed
-        checksum = (float(W.double().sum()), float(W.double().square().sum()))
-        key = (W.data_ptr(), tuple(W.shape), checksum, self.eset.rows, self.eset.fingerprint)
+        key = (W.data_ptr(), blend.matrix_key(), self.eset.rows, self.eset.fingerprint)
         if self._blend_norms is None or self._blend_norms[0] != key:
             norms = blend.norms_of(W, self.eset.iter_chunks(), self.eset.rows)
             self._blend_norms = (key, norms)
         norms = self._blend_norms[1]
         if selection is not None:
             norms = norms[torch.from_numpy(selection)]
-        return Adaptation(
-            ad.refined_query, ad.U, ad.V, ad.variant, ad.anchor_scale, normalized=True,
-            blend=blend.with_row_norms(norms.to(ad.device)),
-        )  # fmt: skip
+        return ad.with_blend(blend.with_row_norms(norms.to(ad.device)))
 
     def _via_index(
         self,

@@ -10,6 +10,11 @@ its top-k. The driver merges them with :class:`quari.scoring.RunningTopK`, whose
 lower row id, so the result equals the single-process scan's: the rows are read in the same
 chunks and scored by the same projection (shipped with the adaptation, not recomputed).
 
+A model with a static blend (docs/method.md §5.6) needs ‖W d‖ of every row: on a whole-set
+scan each task computes its part's first and returns them, the engine keeps them (4 bytes per
+row, keyed by W and the set's fingerprint) and ships each later task its part's slice — so only
+the first scan pays the E×E product per row, as with the single-process Retriever's cache.
+
 Example:
     >>> engine = RayScan(RayScanConfig(address="auto"))  # doctest: +SKIP
     >>> top = engine.scan(eset, model(queries), k=100)  # doctest: +SKIP
@@ -107,6 +112,10 @@ class RayScan:
         self.config = config or RayScanConfig()
         self._started = False
         self._task: Any = None
+        # ‖W d‖ of every row of the last set a blended adaptation scanned whole, assembled
+        # from the tasks' parts: (key, (rows,) float32 norms). Later scans ship each task its
+        # part's slice, so the tasks skip the E×E product per row (StaticBlend.row_norms).
+        self._norms: tuple[Any, np.ndarray] | None = None
 
     def _ray(self) -> Any:
         try:
@@ -160,6 +169,7 @@ class RayScan:
         if adaptation.device.type != "cpu":
             adaptation = adaptation.to("cpu")
         _ = adaptation.plan  # computed once here, so every task scores with the same numbers
+        norms, key = self._stream_norms(eset, adaptation, rows)
         if self._task is None:
             self._task = ray.remote(_scan_part)
         task = self._task.options(num_cpus=self.config.cpus_per_task, num_gpus=gpus)
@@ -172,14 +182,35 @@ class RayScan:
                 k,
                 part,
                 None if rows is None else rows[part.start : part.stop],
+                None if norms is None else norms[part.start : part.stop],
                 self.config.cpus_per_task,
             )
             for part in parts
         ]
         best = RunningTopK(len(adaptation), k, torch.device("cpu"))
-        for ids, scores in ray.get(refs):  # in part order (the merge is order-free anyway)
+        computed = []
+        for ids, scores, part_norms in ray.get(refs):  # in part order
             best.add(torch.from_numpy(scores), torch.from_numpy(ids))
+            computed.append(part_norms)
+        if key is not None and norms is None and rows is None:
+            self._norms = (key, np.concatenate(computed))
         return best.result()
+
+    def _stream_norms(
+        self, eset: EmbeddingSet, adaptation: Adaptation, rows: np.ndarray | None
+    ) -> tuple[np.ndarray | None, Any]:
+        """The ‖W d‖ of the rows a blended adaptation's scan streams (the whole set or
+        ``rows``), when known — the caller's :attr:`~quari.adaptation.StaticBlend.row_norms`
+        or this engine's cache — and the cache key (None without a blend)."""
+        blend = adaptation.blend
+        if blend is None:
+            return None, None
+        key = (blend.matrix_key(), eset.rows, eset.fingerprint)
+        if blend.row_norms is not None:
+            return blend.row_norms.detach().float().cpu().numpy(), key
+        if self._norms is None or self._norms[0] != key:
+            return None, key
+        return (self._norms[1] if rows is None else self._norms[1][rows]), key
 
     def close(self) -> None:
         """Shuts down the Ray this engine started (a cluster it joined keeps running)."""
@@ -197,9 +228,12 @@ def _scan_part(
     k: int,
     part: Part,
     rows: np.ndarray | None,
+    norms: np.ndarray | None,
     threads: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ray task: the top-k of one part, as (ids, scores) numpy arrays with global row ids."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ray task: the top-k of one part, as (ids, scores) numpy arrays with global row ids, and
+    — for a blended adaptation not given the part's ``norms`` — the ‖W d‖ of the part's rows,
+    computed first (the scan then reads them instead of forming them per block)."""
     torch.set_num_threads(max(1, int(threads)))
     eset = EmbeddingSet.open(root)
     if eset.fingerprint != fingerprint:
@@ -209,21 +243,29 @@ def _scan_part(
         )
     import ray
 
-    if ray.get_gpu_ids() and torch.cuda.is_available():
-        adaptation = adaptation.to("cuda")  # the fused kernel (quari.kernels)
-    with torch.inference_mode():
+    def chunks() -> Any:
+        """The part's chunks, at offsets from the part's start."""
         if rows is None:
-            chunks = (
-                (offset, chunk)
+            return (
+                (offset - part.start, chunk)
                 for offset, chunk in eset.iter_chunks(CHUNK_ROWS)
                 if part.start <= offset < part.stop
             )
-        else:
-            chunks = (
-                (part.start + pos, vectors) for pos, vectors in eset.iter_gathered(rows, CHUNK_ROWS)
-            )
-        top = adaptation.scan(chunks, k)
+        return eset.iter_gathered(rows, CHUNK_ROWS)
+
+    computed = None
+    blend = adaptation.blend
+    if blend is not None:
+        if norms is None:
+            computed = blend.norms_of(blend.matrix, chunks(), part.stop - part.start)
+        adaptation = adaptation.with_blend(
+            blend.with_row_norms(computed if norms is None else torch.from_numpy(norms))
+        )
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        adaptation = adaptation.to("cuda")  # the fused kernel (quari.kernels)
+    with torch.inference_mode():
+        top = adaptation.scan(chunks(), k)
     ids, scores = top.ids.cpu().numpy(), top.scores.cpu().numpy()
-    if rows is not None:  # positions in the filtered ids → row ids (a part is never empty)
-        ids = rows[ids - part.start]
-    return ids, scores
+    # part offsets → row ids (the filtered ids of the part when filtered; a part is never empty)
+    ids = part.start + ids if rows is None else rows[ids]
+    return ids, scores, None if computed is None else computed.numpy()
