@@ -190,7 +190,8 @@ class RayScan:
         best = RunningTopK(len(adaptation), k, torch.device("cpu"))
         computed = []
         for ids, scores, part_norms in ray.get(refs):  # in part order
-            best.add(torch.from_numpy(scores), torch.from_numpy(ids))
+            # ray.get hands back read-only arrays; torch wants writable memory
+            best.add(torch.from_numpy(scores.copy()), torch.from_numpy(ids.copy()))
             computed.append(part_norms)
         if key is not None and norms is None and rows is None:
             self._norms = (key, np.concatenate(computed))
