@@ -129,6 +129,16 @@ def test_a_blended_model_scans_on_ray_as_in_one_process_and_keeps_its_norms(clus
         np.testing.assert_array_equal(got.scores, want.scores)
         assert engine._norms is not None  # kept from the first (whole-set) scan on
         np.testing.assert_array_equal(engine._norms[1], local._blend_norms[1].numpy())
+    # norms the caller attaches (StaticBlend.row_norms) are the ones read, slice by slice
+    ad, norms = local.adapt(q, mode="scan"), local._blend_norms[1]
+    fresh = RayScan(RayScanConfig(workers=2))
+    want = local.search(q, k=30, mode="scan", with_metadata=False)
+    top = fresh.scan(tied_set, ad.with_blend(ad.blend.with_row_norms(norms)), 30)
+    np.testing.assert_array_equal(top.ids.numpy(), want.ids)
+    np.testing.assert_array_equal(top.scores.numpy(), want.scores)
+    assert fresh._norms is None  # given, not computed
+    doubled = fresh.scan(tied_set, ad.with_blend(ad.blend.with_row_norms(2 * norms)), 30)
+    assert not np.allclose(doubled.scores.numpy(), want.scores)
     # another W is another key: the kept norms are not read for it
     model.whitening.mul_(torch.linspace(0.5, 2, 24))
     kept = engine._norms

@@ -170,6 +170,9 @@ class RayScan:
             adaptation = adaptation.to("cpu")
         _ = adaptation.plan  # computed once here, so every task scores with the same numbers
         norms, key = self._stream_norms(eset, adaptation, rows)
+        if norms is not None and adaptation.blend is not None:
+            # each task gets its part's slice below, not every row's norms with the adaptation
+            adaptation = adaptation.with_blend(adaptation.blend.with_row_norms(None))
         if self._task is None:
             self._task = ray.remote(_scan_part)
         task = self._task.options(num_cpus=self.config.cpus_per_task, num_gpus=gpus)
