@@ -270,6 +270,7 @@ def _scan_part(
     with torch.inference_mode():
         top = adaptation.scan(chunks(), k)
     ids, scores = top.ids.cpu().numpy(), top.scores.cpu().numpy()
-    # part offsets → row ids (the filtered ids of the part when filtered; a part is never empty)
-    ids = part.start + ids if rows is None else rows[ids]
+    # part offsets → row ids (the filtered ids of the part when filtered; a part is never
+    # empty); a −1 (no row) stays −1
+    ids = np.where(ids < 0, -1, part.start + ids if rows is None else rows[np.maximum(ids, 0)])
     return ids, scores, None if computed is None else computed.numpy()
