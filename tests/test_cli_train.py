@@ -137,6 +137,19 @@ def test_blend_weight_and_the_whitening_adapter(app, tmp_path):
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["blend_weight"] == 0.0 and load(tmp_path / "run").config.blend_weight == 0
     assert "blend" not in load(tmp_path / "run").metadata  # nothing fitted or validated
+    assert "whitened" not in out.output
+    # with a blend asked for, the run's last lines say what the export did with it (the card's
+    # record: attached, with validation without it, or left off and why)
+    out = runner.invoke(app, tiny_args(tmp_path, "--no-semipos", "--blend-weight", "0.5",
+                                       "--out", str(tmp_path / "mixed")))  # fmt: skip
+    assert out.exit_code == 0, out.output
+    info, text = load(tmp_path / "mixed").metadata["blend"], " ".join(out.output.split())
+    if info["attached"] == "yes":
+        without = info["metrics_without_blend"]["val/mAP"]
+        assert "mixes QuARI's with the training rows' whitened cosine (a = 0.5)" in text
+        assert f"validation mAP without the mix {without:.4f}" in text
+    else:
+        assert f"blend (a = 0.5) was left off: {info['attached'][4:]}" in text
     out = runner.invoke(app, ["train", "--adapter", "whitening", "--train",
                               str(tmp_path / "set"), "--out", str(tmp_path / "white"),
                               "--whitening-shrinkage", "0.1"])  # fmt: skip

@@ -317,6 +317,9 @@ def train_command(
     verdict = validation_verdict(result.metrics)
     if verdict:
         console.print(verdict, style="bold yellow" if verdict.startswith("Below") else None)
+    blend_note = _blend_note(result.model_dir)
+    if blend_note:
+        console.print(blend_note)
     if result.exported == "start":
         console.print(
             "Every validated checkpoint scored below the starting point, so the exported model "
@@ -331,6 +334,26 @@ def _blended(folder: Path) -> bool:
     """The exported model carries the static blend (the trainer leaves it off when it lowers
     validation)."""
     return bool(read_json(folder / "config.json")["config"].get("blend_weight"))
+
+
+def _blend_note(folder: Path) -> str:
+    """What the export did with the static blend, from the model card's record (empty when
+    the run asked for none): attached, with validation with and without it, or left off."""
+    info = read_json(folder / "config.json").get("metadata", {}).get("blend")
+    if not info:
+        return ""
+    if info.get("attached") != "yes":
+        return (
+            f"The whitened-cosine blend (a = {info['weight']:g}) was left off: "
+            f"{info['attached'].removeprefix('no: ')}."
+        )
+    without = info.get("metrics_without_blend", {}).get("val/mAP")
+    return (
+        f"The exported score mixes QuARI's with the training rows' whitened cosine "
+        f"(a = {info['weight']:g})"
+        + (f"; validation mAP without the mix {without:.4f}" if without is not None else "")
+        + " — `--blend-weight 0` exports QuARI's score alone."
+    )
 
 
 def _validation_summary(m: dict[str, float]) -> str:
