@@ -403,7 +403,8 @@ def _run(config: TrainConfig, resume: bool, callbacks: list[Callback] | None) ->
         gradient_clip_val=config.grad_clip or None,
         callbacks=all_callbacks,
         logger=[CSVLogger(logs, name="csv"), TensorBoardLogger(logs, name="tensorboard")],
-        log_every_n_steps=config.log_every,
+        # at most an epoch: Lightning warns of a longer interval than the epoch on small sets
+        log_every_n_steps=max(1, min(config.log_every, _steps_per_epoch(config, data))),
         enable_checkpointing=False,  # RunCheckpoints writes both checkpoint kinds
         enable_progress_bar=False,  # ProgressReport: a bar on a terminal, lines in a log
         enable_model_summary=False,
@@ -434,13 +435,17 @@ def _run(config: TrainConfig, resume: bool, callbacks: list[Callback] | None) ->
     return _export(config, data, (queries, gallery, query_keys, gallery_keys), selection)
 
 
+def _steps_per_epoch(config: TrainConfig, data: TrainingData) -> int:
+    """Optimiser steps of one epoch (all devices together)."""
+    world = config.devices * config.num_nodes
+    return (config.epoch_pairs or data.train_pairs) // (config.batch_size * world)
+
+
 def _total_steps(config: TrainConfig, data: TrainingData) -> int:
     """Optimiser steps of the whole run (before any early stop)."""
     if config.max_steps is not None:
         return config.max_steps
-    world = config.devices * config.num_nodes
-    per_epoch = (config.epoch_pairs or data.train_pairs) // (config.batch_size * world)
-    return config.max_epochs * per_epoch
+    return config.max_epochs * _steps_per_epoch(config, data)
 
 
 def _print_plan(
