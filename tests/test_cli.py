@@ -229,3 +229,29 @@ def test_every_command_help_renders_with_its_literal_brackets():
         assert out.exit_code == 0, (path, out.output)
     index_help = runner.invoke(app, ["index", "build", "--help"], env={"COLUMNS": "200"})
     assert "milvus://HOST:PORT[/COLLECTION]" in index_help.output
+
+
+def test_search_with_another_blend_weight(workspace):
+    """--blend-weight scores a blended model with another weight than its trained one: the
+    scan's rows and scores are those of the Python API with that weight; a model without a
+    fitted whitening is refused by name."""
+    app, tmp, eset, _, q = workspace
+    torch.manual_seed(1)
+    model = QuARIModel(tiny_config("reference", blend_weight=0.5)).eval()
+    model.whitening.copy_(torch.randn(24, 24) + 3 * torch.eye(24))
+    save(model, tmp / "blended")
+    args = ["search", str(tmp / "set"), "--query-embeddings", str(tmp / "q.npy"), "-k", "5",
+            "--mode", "scan", "--json"]  # fmt: skip
+    for weight in (0.0, 0.9):
+        out = runner.invoke(app, [*args, "--model", str(tmp / "blended"),
+                                  "--blend-weight", str(weight)])  # fmt: skip
+        assert out.exit_code == 0, out.output
+        api = Retriever(eset, model.set_blend_weight(weight)).search(q, 5, mode="scan")
+        data = json.loads(out.output)["results"]
+        assert [[r["row"] for r in rows] for rows in data] == api.ids.tolist()
+        np.testing.assert_allclose([[r["score"] for r in rows] for rows in data], api.scores,
+                                   atol=1e-6)  # fmt: skip
+    trained = Retriever(eset, model.set_blend_weight(None)).search(q, 5, mode="scan")
+    assert not np.allclose(trained.scores, api.scores)  # the weight changed the scores
+    out = runner.invoke(app, [*args, "--model", str(tmp / "model"), "--blend-weight", "0.5"])
+    assert out.exit_code != 0 and "trained without the static blend" in out.output

@@ -211,6 +211,23 @@ def test_a_blended_model_scores_the_mix_of_both_cosines():
                                    atol=2e-5)  # fmt: skip
     with pytest.raises(QuARIInputError, match="pass the queries"):
         model.to_adaptation(ad.refined_query, ad.U, ad.V)
+    # another weight at search time, without retraining: 0 is QuARI's score alone, a' mixes
+    # at a'; the saved model keeps its trained weight; None goes back to it
+    with torch.inference_mode():
+        alone = model.set_blend_weight(0)(q)
+        assert alone.blend is None and model.blend_weight == 0.0
+        np.testing.assert_allclose(alone.score(d).numpy(), plain, atol=2e-5)
+        mixed = model.set_blend_weight(0.8)(q).score(d).numpy()
+        np.testing.assert_allclose(mixed, 0.2 * plain + 0.8 * static.numpy(), atol=2e-5)
+    assert model.config.blend_weight == 0.3 and model.config.to_dict()["blend_weight"] == 0.3
+    assert model.set_blend_weight(None).blend_weight == 0.3
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(QuARIInputError, match="blend weight must lie in"):
+            model.set_blend_weight(bad)
+    plain_model = QuARIModel(tiny_config("reference"))
+    assert plain_model.set_blend_weight(0).blend_weight == 0.0
+    with pytest.raises(QuARIInputError, match="trained without the static blend"):
+        plain_model.set_blend_weight(0.5)
 
 
 # -- the inference pass (docs/method.md §3.5) ----------------------------------------------------

@@ -136,3 +136,9 @@ def test_serve_reports_bad_arguments_before_binding(tmp_path):
         app, ["serve", str(served.root), "--model", str(served.model_dir), "--runtime", "fast"]
     )
     assert out.exit_code == 2 and "runtime must be one of" in out.output
+    out = runner.invoke(app, ["serve", str(served.root), "--blend-weight", "0"])
+    assert out.exit_code == 2 and "--blend-weight needs a QuARI model; got none" in out.output
+    out = runner.invoke(
+        app, ["serve", str(served.root), "--model", str(served.model_dir), "--blend-weight", "2"]
+    )
+    assert out.exit_code == 2 and "blend weight must lie in [0, 1], got 2.0" in out.output

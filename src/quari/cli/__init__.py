@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 
 from quari import __version__
-from quari.errors import QuARIError, error_kind
+from quari.errors import QuARIError, QuARIInputError, error_kind
 
 app = typer.Typer(
     rich_markup_mode=None,  # help texts hold literal brackets: [milvus], PATH[/COLLECTION]
@@ -56,6 +56,25 @@ def _log_trace(exc: BaseException) -> Path | None:
         return Path(name)
     except OSError:
         return None
+
+
+#: ``--blend-weight`` of the commands that search with a model (search, serve).
+BLEND_WEIGHT_HELP = (
+    "Score with this weight a of the model's whitened-cosine blend instead of its trained one "
+    "(0: QuARI's score alone, e.g. for text-only search; docs/method.md §5.6)."
+)
+
+
+def with_blend_weight(model: Any, weight: float | None) -> Any:
+    """``model`` scoring with ``--blend-weight`` (:meth:`quari.QuARIModel.set_blend_weight`);
+    ``model`` as it is without the option."""
+    if weight is None:
+        return model
+    if not hasattr(model, "set_blend_weight"):
+        raise QuARIInputError(
+            f"--blend-weight needs a QuARI model; got {type(model).__name__ if model else 'none'}"
+        )
+    return model.set_blend_weight(weight)
 
 
 def friendly_errors(fn: F) -> F:

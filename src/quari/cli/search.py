@@ -12,7 +12,14 @@ import typer
 from rich.table import Table
 
 from quari.checkpoint import load_model
-from quari.cli import app, console, err_console, friendly_errors
+from quari.cli import (
+    BLEND_WEIGHT_HELP,
+    app,
+    console,
+    err_console,
+    friendly_errors,
+    with_blend_weight,
+)
 from quari.embed.images import load_image
 from quari.encoders import EncoderConfig, load_encoder
 from quari.errors import NotFoundError, QuARIInputError
@@ -217,6 +224,7 @@ def search(
             "(the Milvus collection's copies, for a set whose files are remote)."
         ),
     ] = "set",
+    blend_weight: Annotated[float | None, typer.Option(help=BLEND_WEIGHT_HELP)] = None,
 ) -> None:
     """Search an embedding set with query embeddings, set rows, texts or images."""
     eset = EmbeddingSet.open(set_path)
@@ -256,7 +264,7 @@ def search(
         from quari.scan_ray import RayScan, RayScanConfig
 
         scan_engine = RayScan(RayScanConfig(address=ray_address, workers=ray_workers))
-    quari_model = load_model(model) if model is not None else None
+    quari_model = with_blend_weight(load_model(model) if model else None, blend_weight)
     index = CandidateIndex.load(eset) if mode != "scan" and CandidateIndex.exists(eset) else None
     if rescore_from == "milvus" and (index is None or not index.backend.startswith("milvus")):
         raise QuARIInputError(

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from quari.checkpoint import load_model
-from quari.cli import app, console, friendly_errors
+from quari.cli import BLEND_WEIGHT_HELP, app, console, friendly_errors, with_blend_weight
 from quari.encoders import EncoderConfig, load_encoder
 from quari.errors import QuARIInputError, missing_extra
 from quari.index import CandidateIndex
@@ -76,6 +76,7 @@ def serve(
         typer.Option(help="An origin allowed to call the API from a browser (repeat); none: off."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    blend_weight: Annotated[float | None, typer.Option(help=BLEND_WEIGHT_HELP)] = None,
 ) -> None:
     """Serve an embedding set over HTTP: a JSON search API and a web page at /."""
     try:
@@ -97,7 +98,7 @@ def serve(
     )
     eset = EmbeddingSet.open(set_path)
     index = CandidateIndex.load(eset) if CandidateIndex.exists(eset) else None
-    quari_model = load_model(model) if model is not None else None
+    quari_model = with_blend_weight(load_model(model) if model else None, blend_weight)
     if hasattr(quari_model, "set_runtime"):
         runtime = runtime or "fp32"
         if runtime in ("fp32", "auto"):

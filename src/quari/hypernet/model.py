@@ -106,6 +106,7 @@ class QuARIModel(nn.Module):
         self.metadata: dict[str, Any] = {}
         self._cuda_graphs: Any = None  # quari.kernels.graphs.GraphedForward when enabled
         self._runtime: Any = None  # a quari.runtime.Runtime other than the eager default
+        self._blend_weight: float | None = None  # set_blend_weight's search-time weight
         self._packs = PackedLinears()  # the eager default's prepacked weights
         E, H, r = config.embedding_dim, config.hidden_dim, config.rank
         paper = config.variant == "paper"
@@ -170,6 +171,46 @@ class QuARIModel(nn.Module):
     @property
     def embedding_dim(self) -> int:
         return self.config.embedding_dim
+
+    @property
+    def blend_weight(self) -> float:
+        """The static blend's weight a this model scores with: :meth:`set_blend_weight`'s, or
+        the trained config's."""
+        return self.config.blend_weight if self._blend_weight is None else self._blend_weight
+
+    def set_blend_weight(self, weight: float | None) -> QuARIModel:
+        """Scores with another weight of the static blend (docs/method.md §5.6) than the one it
+        was trained and exported with — 0 for QuARI's score alone, say, where a deployment
+        serves only text queries — without retraining. The fitted W stays; a saved model keeps
+        its trained weight.
+
+        Args:
+            weight: a in [0, 1]; None goes back to the config's.
+
+        Returns:
+            The model itself.
+
+        Raises:
+            QuARIInputError: a weight outside [0, 1], or above 0 for a model trained without
+                the blend (it has no fitted W to blend with).
+
+        Example:
+            >>> model = QuARIModel(HyperNetConfig(embedding_dim=32, rank=4, hidden_dim=16,
+            ...                                   num_layers=1, num_heads=2, blend_weight=0.5))
+            >>> model.set_blend_weight(0).blend_weight
+            0.0
+        """
+        if weight is not None:
+            if isinstance(weight, bool) or not 0.0 <= float(weight) <= 1.0:
+                raise QuARIInputError(f"blend weight must lie in [0, 1], got {weight!r}")
+            weight = float(weight)
+            if weight > 0 and not self.config.blend_weight:
+                raise QuARIInputError(
+                    "this model was trained without the static blend (blend_weight 0): it has "
+                    "no fitted whitening to blend with; train with --blend-weight to get one"
+                )
+        self._blend_weight = weight
+        return self
 
     @property
     def inference_tokens(self) -> int:
@@ -243,13 +284,13 @@ class QuARIModel(nn.Module):
     ) -> Adaptation:
         """The :class:`~quari.adaptation.Adaptation` of factors from :meth:`predict_factors`
         (or a runtime): this model's variant and α attached, q′ taken as unit-norm, and —
-        when the config has a ``blend_weight`` — the static blend of the raw ``queries``."""
+        when :attr:`blend_weight` is above 0 — the static blend of the raw ``queries``."""
         cfg = self.config
         blend = None
-        if cfg.blend_weight > 0:
+        if self.blend_weight > 0:
             if queries is None:
                 raise QuARIInputError("this model blends a static cosine: pass the queries")
-            blend = StaticBlend.of(self.whitening, queries, cfg.blend_weight)
+            blend = StaticBlend.of(self.whitening, queries, self.blend_weight)
         if cfg.variant == "paper":
             return Adaptation(refined, U, V, normalized=True, blend=blend)
         return Adaptation(
