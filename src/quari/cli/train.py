@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -317,31 +317,24 @@ def train_command(
     verdict = validation_verdict(result.metrics)
     if verdict:
         console.print(verdict, style="bold yellow" if verdict.startswith("Below") else None)
-    blend_note = _blend_note(result.model_dir)
-    if blend_note:
-        console.print(blend_note)
+    # the blend's record in the exported model's card (none when the run asked for none)
+    blend = read_json(result.model_dir / "config.json").get("metadata", {}).get("blend")
+    if blend:
+        console.print(_blend_note(blend))
     if result.exported == "start":
+        attached = bool(blend) and blend.get("attached") == "yes"
         console.print(
             "Every validated checkpoint scored below the starting point, so the exported model "
             "is that start: it ranks exactly as plain cosine"
-            + (" (mixed with the whitened cosine)" if _blended(result.model_dir) else "")
+            + (" (mixed with the whitened cosine)" if attached else "")
             + ". Training did not improve on plain cosine for this data.",
             style="bold yellow",
         )
 
 
-def _blended(folder: Path) -> bool:
-    """The exported model carries the static blend (the trainer leaves it off when it lowers
-    validation)."""
-    return bool(read_json(folder / "config.json")["config"].get("blend_weight"))
-
-
-def _blend_note(folder: Path) -> str:
-    """What the export did with the static blend, from the model card's record (empty when
-    the run asked for none): attached, with validation with and without it, or left off."""
-    info = read_json(folder / "config.json").get("metadata", {}).get("blend")
-    if not info:
-        return ""
+def _blend_note(info: dict[str, Any]) -> str:
+    """What the export did with the static blend, from its record in the model card:
+    attached (with validation without it), or left off and why."""
     if info.get("attached") != "yes":
         return (
             f"The whitened-cosine blend (a = {info['weight']:g}) was left off: "
