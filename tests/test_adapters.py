@@ -209,13 +209,16 @@ def test_mean_map_of_one_query_scores_that_query_as_the_model_does():
     [
         ("paper", {}, "reference variant with map_query"),
         ("reference", {"map_query": False}, "map_query False"),
-        ("reference", {"blend_weight": 0.5}, "no static blend .* blend_weight 0.5"),
+        ("reference", {"map_query": True, "blend_weight": 0.5}, r"no static blend .* 0.5\)"),
     ],
 )
 def test_mean_map_refuses_models_whose_score_is_not_cos_tq_td(variant, overrides, match):
     model = QuARIModel(tiny_config(variant, **overrides)).eval()
     with pytest.raises(QuARIInputError, match=match):
         LinearAdapter.mean_of(model, torch.randn(4, 24))
+    if overrides.get("blend_weight"):  # searched without its blend, it scores cos(Tq, Td)
+        model.set_blend_weight(0)
+        assert LinearAdapter.mean_of(model, torch.randn(4, 24)).embedding_dim == 24
 
 
 def test_mean_map_rejects_bad_ranks_and_queries():

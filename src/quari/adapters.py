@@ -233,11 +233,11 @@ class LinearAdapter(torch.nn.Module):
             4
         """
         cfg = model.config
-        if cfg.variant != "reference" or not cfg.map_query or cfg.blend_weight:
+        if cfg.variant != "reference" or not cfg.map_query or model.blend_weight:
             raise QuARIInputError(
                 "a mean map needs a model that scores cos(Tq, Td): the reference variant with "
                 f"map_query and no static blend (this one: variant {cfg.variant!r}, map_query "
-                f"{cfg.map_query}, blend_weight {cfg.blend_weight:g})"
+                f"{cfg.map_query}, blend_weight {model.blend_weight:g})"
             )
         E = cfg.embedding_dim
         adapter = cls(E, rank=cfg.rank if rank is None else rank)  # checks the rank
