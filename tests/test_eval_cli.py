@@ -137,3 +137,53 @@ def test_eval_rerank_with_tuned_aqe_and_errors(app, tmp_path, models):
     assert out.exit_code == 2 and "not a quari evaluation result" in out.output
     out = runner.invoke(app, ["eval", "ilias", str(tmp_path), "--model", "aqe", "--quiet"], env=ENV)
     assert out.exit_code == 2 and "give it (e.g. aqe:n=2)" in out.output  # ILIAS has no val split
+
+
+def test_eval_compares_blend_weights_side_by_side(app, tmp_path, models):
+    """--blend-weight (repeatable) scores a blended QuARI model at each weight, one row each,
+    equal to the Python API at that weight; other methods run once; a model without a blend
+    is refused a weight above 0 by name before anything runs."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from quari.eval.protocols import CustomEvaluator
+    from quari.store import EmbeddingSet
+
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((60, 24)).astype(np.float32)
+    eset = EmbeddingSet.create(tmp_path / "set", dim=24, encoder="test-encoder")
+    eset.append(rows, {"label": [str(i % 5) for i in range(60)]})
+    queries = pa.table({
+        "query_id": [f"q{i}" for i in range(12)],
+        "embedding": [(rows[i] + 0.3 * rng.standard_normal(24)).tolist() for i in range(12)],
+        "relevant_where": [f'label == "{i % 5}"' for i in range(12)],
+    })  # fmt: skip
+    pq.write_table(queries, tmp_path / "q.parquet")
+    torch.manual_seed(0)
+    model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.5)).eval()
+    W = torch.randn(24, 24) + 3 * torch.eye(24)  # any W: the scores must follow it
+    model.whitening.copy_(W @ W.T / 24)
+    save(model, tmp_path / "blended")
+    out = tmp_path / "res.json"
+    args = ["eval", "custom", str(tmp_path / "set"), "--queries", str(tmp_path / "q.parquet"),
+            "--model", str(tmp_path / "blended"), "--model", "cosine", "--mode", "scan",
+            "-k", "10", "--quiet", "--out", str(out)]  # fmt: skip
+    result = runner.invoke(app, [*args, "--blend-weight", "0", "--blend-weight", "0.9"], env=ENV)
+    assert result.exit_code == 0, result.output
+    got = {r.method["name"]: r for r in load_results(out)}
+    assert set(got) == {"blended (a=0)", "blended (a=0.9)", "cosine"}
+    ev = CustomEvaluator(tmp_path / "q.parquet", EmbeddingSet.open(tmp_path / "set"), k=10)
+    for a in (0.0, 0.9):
+        row = got[f"blended (a={a:g})"]
+        assert row.method["blend_weight"] == a
+        api = ev.evaluate(model.set_blend_weight(a), mode="scan")
+        assert row.per_query["ap@10"] == pytest.approx(api.per_query["ap@10"], abs=1e-6)
+    assert got["blended (a=0)"].primary != got["blended (a=0.9)"].primary  # the weight counts
+    result = runner.invoke(app, [*args[:-2], "--blend-weight", "0.9"], env=ENV)
+    assert result.exit_code == 0 and "blended (a=0.9)" in result.output  # no --out: printed
+    tiny = models[0]
+    bad = runner.invoke(app, ["eval", "custom", str(tmp_path / "set"), "--queries",
+                              str(tmp_path / "q.parquet"), "--model", str(tiny),
+                              "--blend-weight", "0.5", "--quiet"], env=ENV)  # fmt: skip
+    assert bad.exit_code != 0 and "trained without the static blend" in bad.output

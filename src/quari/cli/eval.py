@@ -9,7 +9,7 @@ plots.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -75,6 +75,15 @@ MaxQueries = Annotated[
 Cache = Annotated[
     Path | None, typer.Option(help="Folder for imported galleries (default ~/.cache/quari/eval).")
 ]
+BlendWeights = Annotated[
+    list[float] | None,
+    typer.Option(
+        "--blend-weight",
+        help="Score each QuARI model with this weight a of its whitened-cosine blend instead of "
+        "its trained one; repeat to compare weights side by side, one row each (docs/method.md "
+        "§5.6). Other methods run once.",
+    ),
+]
 
 
 def _index_for(
@@ -110,6 +119,7 @@ class RunOptions:
     quiet: bool
     out: Path | None
     max_queries: int | None = None
+    blend_weights: tuple[float, ...] = ()
 
 
 def _run(
@@ -143,29 +153,48 @@ def _run(
                 map_location=device,
                 progress=not quiet,
             )
-            for mode in method.modes(modes or ["all"], ev.fixed_candidates):
-                index = method.index if method.gallery is not None else index_for(ev.gallery)
-                results.append(
-                    ev.evaluate(
-                        method.adapter,
-                        mode=mode,
-                        name=method.name,
-                        method=method.describe(),
-                        encoder=encoder,
-                        index=index,
-                        gallery=method.gallery,
-                        candidates=candidates,
-                        batch_size=batch_size,
-                        device=device,
-                        progress=not quiet,
-                        max_queries=options.max_queries,
+            for name in _blend_variants(method, options.blend_weights):
+                for mode in method.modes(modes or ["all"], ev.fixed_candidates):
+                    index = method.index if method.gallery is not None else index_for(ev.gallery)
+                    results.append(
+                        ev.evaluate(
+                            method.adapter,
+                            mode=mode,
+                            name=name,
+                            method={**method.describe(), "name": name},
+                            encoder=encoder,
+                            index=index,
+                            gallery=method.gallery,
+                            candidates=candidates,
+                            batch_size=batch_size,
+                            device=device,
+                            progress=not quiet,
+                            max_queries=options.max_queries,
+                        )
                     )
-                )
     _print(results)
     if out is not None:
         save_results(results, out)
         console.print(f"wrote {len(results)} result(s) → {out}")
     return results
+
+
+def _blend_variants(method: Method, weights: tuple[float, ...]) -> Iterator[str]:
+    """Sets ``method``'s model to each of ``weights`` in turn (every weight checked first, so
+    a model that cannot take one fails before any work), yielding the row name for each; a
+    method that is not a QuARI model, or no weights, runs once as it is."""
+    model = method.adapter
+    if not weights or not hasattr(model, "set_blend_weight"):
+        yield method.name
+        return
+    try:
+        for weight in weights:
+            model.set_blend_weight(weight)  # raises by name for a weight the model cannot take
+        for weight in weights:
+            model.set_blend_weight(weight)
+            yield f"{method.name} (a={weight:g})"
+    finally:
+        model.set_blend_weight(None)
 
 
 def _print(results: list[EvalResult]) -> None:
@@ -217,6 +246,7 @@ def inquire_fullrank(
     cache: Cache = None,
     quiet: Quiet = False,
     max_queries: MaxQueries = None,
+    blend_weight: BlendWeights = None,
 ) -> None:
     """INQUIRE-Fullrank: text → whole iNat24 gallery, AP@50 (R = all annotated positives)."""
     enc = _encoder(encoder, device)
@@ -229,7 +259,9 @@ def inquire_fullrank(
     validation = make("val") if split == "test" else None
     if validation is not None and enc is not None:
         validation.queries(enc)
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
+    options = RunOptions(
+        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+    )
     _run([make(split)], model, mode, validation, enc, options)
 
 
@@ -255,6 +287,7 @@ def inquire_rerank(
     cache: Cache = None,
     quiet: Quiet = False,
     max_queries: MaxQueries = None,
+    blend_weight: BlendWeights = None,
 ) -> None:
     """INQUIRE-Rerank: re-order each query's fixed 100 candidates; AP over the 100."""
     enc = _encoder(encoder, device)
@@ -270,7 +303,9 @@ def inquire_rerank(
         )
 
     validation = make("val") if split == "test" else None
-    options = RunOptions(100, batch_size, device, cache, quiet, out, max_queries)
+    options = RunOptions(
+        100, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+    )
     _run([make(split)], model, mode, validation, enc, options)
 
 
@@ -293,6 +328,7 @@ def ilias(
     cache: Cache = None,
     quiet: Quiet = False,
     max_queries: MaxQueries = None,
+    blend_weight: BlendWeights = None,
 ) -> None:
     """ILIAS / mini-ILIAS: image→image and text→image mAP@1k (the gallery imported once)."""
     tracks = ["i2i", "t2i"] if track == "both" else [track]
@@ -303,7 +339,9 @@ def ilias(
         )
         for t in tracks
     ]
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
+    options = RunOptions(
+        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+    )
     _run(evaluators, model, mode, None, None, options)
 
 
@@ -348,6 +386,7 @@ def custom(
     cache: Cache = None,
     quiet: Quiet = False,
     max_queries: MaxQueries = None,
+    blend_weight: BlendWeights = None,
 ) -> None:
     """Your own labelled queries over your own embedding set."""
     enc = _encoder(encoder, device)
@@ -356,7 +395,9 @@ def custom(
     if val_queries is not None:
         validation = CustomEvaluator(val_queries, eset, k=k, split="val")
         validation.queries(enc)
-    options = RunOptions(candidates, batch_size, device, cache, quiet, out, max_queries)
+    options = RunOptions(
+        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+    )
     _run([CustomEvaluator(queries, eset, k=k)], model, mode, validation, enc, options)
 
 

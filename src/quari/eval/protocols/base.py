@@ -252,8 +252,9 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 def describe_method(adapter: QueryAdapter | None, name: str | None = None) -> dict[str, Any]:
     """A JSON-ready description of an adapter: ``name``, ``kind`` and its shape facts
-    (``rank``, ``steps``, ``hidden_dim``, ``layers``, ``variant`` for QuARI; ``out_dim`` for a
-    linear adapter), plus the adapter's own ``metadata`` (training data, metrics …)."""
+    (``rank``, ``steps``, ``hidden_dim``, ``layers``, ``variant`` for QuARI, and the
+    ``blend_weight`` it scores with when it has a static blend; ``out_dim`` for a linear
+    adapter), plus the adapter's own ``metadata`` (training data, metrics …)."""
     if adapter is None or isinstance(adapter, CosineAdapter):
         return {"name": name or "cosine", "kind": "cosine"}
     meta = dict(getattr(adapter, "metadata", {}) or {})
@@ -268,6 +269,9 @@ def describe_method(adapter: QueryAdapter | None, name: str | None = None) -> di
             layers=config.num_layers,
             variant=config.variant,
         )
+        weight = getattr(adapter, "blend_weight", 0.0)
+        if weight or getattr(config, "blend_weight", 0.0):
+            desc["blend_weight"] = weight  # the weight it scored with (set_blend_weight's)
     if hasattr(adapter, "out_dim"):
         desc["out_dim"] = int(adapter.out_dim)
     desc["name"] = name or desc["kind"]
