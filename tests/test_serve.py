@@ -131,6 +131,46 @@ def test_items_and_info(client):
     assert info["runtime"] == "eager"
     assert info["modes"] == ["plain", "rerank", "adaptive", "scan"]
     assert info["columns"] == ["path", "label", "group"]
+    assert info["blend_weight"] is None  # the model has no static blend
+
+
+def test_a_blended_model_answers_each_request_at_its_blend_weight(served):
+    """Over HTTP: /info gives the model's weight; a request's ``blend_weight`` (JSON or a
+    multipart form field) scores as the model set to that weight; without one, the model's."""
+    import torch
+
+    from quari import QuARIModel
+
+    from helpers import tiny_config
+
+    torch.manual_seed(2)
+    dim = served.eset.dim
+    model = QuARIModel(
+        tiny_config("reference", embedding_dim=dim, map_query=True, blend_weight=0.5)
+    ).eval()
+    W = torch.randn(dim, dim) + 2 * torch.eye(dim)
+    model.whitening.copy_(W @ W.T / dim)
+    retriever = Retriever(served.eset, model, served.index, encoder=served.encoder)
+    with TestClient(create_app(retriever, ServeSettings())) as c:
+        assert c.get("/info").json()["blend_weight"] == 0.5
+        for weight in (None, 0.0, 0.8):
+            body = {"text": TEXT_QUERY, "mode": "scan", "k": 6}
+            if weight is not None:
+                body["blend_weight"] = weight
+            got = c.post("/search", json=body)
+            model.set_blend_weight(weight)
+            want = retriever.search(texts=[TEXT_QUERY], k=6, mode="scan")
+            model.set_blend_weight(None)
+            assert ids(got.json()) == want.ids[0].tolist()
+            scores = [h["score"] for h in got.json()["results"]]
+            np.testing.assert_allclose(scores, want.scores[0], rtol=0, atol=1e-5)
+        image = served.image_path(4).read_bytes()
+        form = {"mode": "scan", "k": "5", "blend_weight": "0.8"}
+        got = c.post("/search", data=form, files={"image": ("q.png", image, "image/png")})
+        model.set_blend_weight(0.8)
+        want = retriever.search(images=[load_image(image).image], k=5, mode="scan")
+        model.set_blend_weight(None)
+        assert got.status_code == 200 and ids(got.json()) == want.ids[0].tolist()
 
 
 def test_item_image_thumbnail_and_original(served, client):

@@ -70,10 +70,20 @@ def post_raw(client, body: bytes | str, ctype: str = "application/json") -> http
         (b'{"text": 42}', "text"),
         (b'{"embedding": "0.1, 0.2"}', "embedding"),
         (b'{"item_id": "../../etc/passwd"}', "item_id"),
+        (b'{"text": "a", "blend_weight": 1.5}', "blend_weight: Input should be less than or"),
+        (b'{"text": "a", "blend_weight": -0.1}', "blend_weight: Input should be greater than"),
     ],
 )
 def test_malformed_requests_name_the_field(client, body, needle):
     assert needle in error_of(post_raw(client, body), 422)
+
+
+def test_a_blend_weight_above_0_needs_a_model_with_the_blend(client):
+    body = {"text": TEXT_QUERY, "blend_weight": 0.5}
+    msg = error_of(client.post("/search", json=body), 422)
+    assert "blend_weight: 0.5 needs a model trained with the static blend" in msg
+    same = client.post("/search", json={**body, "blend_weight": 0}).json()["results"]
+    assert same == client.post("/search", json={"text": TEXT_QUERY}).json()["results"]
 
 
 def test_embedding_dimension_nan_inf_and_zero(client):

@@ -69,6 +69,52 @@ def test_batched_answers_equal_unbatched_search(served):
         assert set(answer.timings) >= {"encode", "adapt", "candidates", "rescore", "metadata"}
 
 
+def test_a_per_query_blend_weight_equals_the_model_searched_at_that_weight(served):
+    """Queries of one batch that ask for other weights of a blended model's static blend (0,
+    0.9, the model's own) each get ``Retriever.search`` of the model set to that weight; the
+    model pass is shared and the model's own weight is left as it was."""
+    import torch
+
+    from quari import QuARIModel
+    from quari.retriever import Retriever
+
+    from helpers import tiny_config
+
+    torch.manual_seed(1)
+    dim = served.eset.dim
+    model = QuARIModel(
+        tiny_config("reference", embedding_dim=dim, map_query=True, blend_weight=0.5)
+    ).eval()
+    W = torch.randn(dim, dim) + 2 * torch.eye(dim)
+    model.whitening.copy_(W @ W.T / dim)
+    retriever = Retriever(served.eset, model, served.index, encoder=served.encoder)
+    vector = np.random.default_rng(5).standard_normal(dim).astype(np.float32)
+    queries = [
+        Query("text", TEXT_QUERY, mode, 5, 20, None, weight)
+        for mode in ("scan", "rerank", "adaptive")
+        for weight in (None, 0.0, 0.9, 0.5)
+    ] + [Query("embedding", vector, "scan", 6, 20, "group >= 1", 0.9)]
+    answers = run_batch(retriever, queries)
+    assert model.blend_weight == 0.5
+    scores = {}
+    for q, answer in zip(queries, answers, strict=True):
+        assert isinstance(answer, Answer), answer
+        model.set_blend_weight(q.blend_weight)
+        value = [q.value] if q.kind == "text" else None
+        want = retriever.search(
+            None if value else q.value[None], q.k, texts=value, mode=q.mode,
+            candidates=q.candidates, where=q.where,
+        )  # fmt: skip
+        model.set_blend_weight(None)
+        np.testing.assert_array_equal(answer.result.ids, want.ids)
+        np.testing.assert_allclose(answer.result.scores, want.scores, rtol=0, atol=1e-5)
+        if q.kind == "text":
+            scores[q.mode, q.blend_weight] = answer.result.scores
+    # the weight counts, and None is the model's own 0.5
+    assert not np.allclose(scores["scan", 0.0], scores["scan", 0.9])
+    np.testing.assert_allclose(scores["scan", None], scores["scan", 0.5], rtol=0, atol=1e-6)
+
+
 def test_one_encoder_call_per_kind_and_one_model_pass(served, monkeypatch):
     retriever = served.retriever()
     calls = {"texts": [], "images": [], "adapt": []}

@@ -6,8 +6,9 @@ Two parts:
   :meth:`~quari.retriever.Retriever.search` answers each alone: texts are encoded together,
   images together, item ids gathered together; all non-``plain`` queries are adapted in one
   model pass (``plain`` ones through the cosine baseline); then queries that agree on
-  (mode, k, candidates, filter) are retrieved together. A failure stays with the queries it
-  concerns.
+  (mode, k, candidates, filter, blend weight) are retrieved together — a query's own weight
+  of a blended model's static blend swaps the blend of its share of the pass. A failure stays
+  with the queries it concerns.
 * :class:`MicroBatcher` (asyncio) collects queries for a short window, up to a size cap, and
   runs each batch on one inference thread — the model and encoder are never run concurrently.
 
@@ -29,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
+from quari.adaptation import StaticBlend
 from quari.errors import QuARIError
 from quari.retriever import STAGES, Retriever, SearchResult, take_queries
 
@@ -51,6 +53,7 @@ class Query:
         k: Results wanted.
         candidates: Index candidates per query.
         where: Filter string, or None.
+        blend_weight: The static blend's weight for this query (None: the model's own).
     """
 
     kind: str
@@ -59,11 +62,12 @@ class Query:
     k: int
     candidates: int
     where: str | None = None
+    blend_weight: float | None = None
 
     @property
     def group(self) -> tuple[Hashable, ...]:
         """Queries with equal groups are retrieved in one call."""
-        return (self.mode, self.k, self.candidates, self.where)
+        return (self.mode, self.k, self.candidates, self.where, self.blend_weight)
 
 
 @dataclass
@@ -160,10 +164,13 @@ def run_batch(retriever: Retriever, queries: Sequence[Query]) -> list[Answer | E
         q = queries[rows[0]]
         ad = adapted[rows[0]][0]
         try:
+            ad = take_queries(ad, [adapted[i][1] for i in rows])
+            if q.blend_weight is not None and q.mode != "plain":
+                ad = _reblended(retriever, ad, vectors[rows], q.blend_weight)
             res = retriever.retrieve(
                 torch.from_numpy(vectors[rows]),
                 q.k,
-                adaptation=take_queries(ad, [adapted[i][1] for i in rows]),
+                adaptation=ad,
                 mode=q.mode,  # type: ignore[arg-type]
                 candidates=q.candidates,
                 where=q.where,
@@ -184,6 +191,16 @@ def run_batch(retriever: Retriever, queries: Sequence[Query]) -> list[Answer | E
             )
             out[i] = Answer(one, timings[i])
     return [a if a is not None else QuARIError("query not answered") for a in out]
+
+
+def _reblended(retriever: Retriever, ad: Any, raw: np.ndarray, weight: float) -> Any:
+    """``ad`` (the model's adaptation of the ``raw`` query vectors) scored with the static
+    blend at ``weight`` instead of the model's: the same factors, the blend's query side
+    rebuilt from the model's W (one (B, E)·(E, E) product)."""
+    if weight == 0:
+        return ad if ad.blend is None else ad.with_blend(None)
+    W = retriever.model.whitening  # present: the service checked the model has a blend
+    return ad.with_blend(StaticBlend.of(W, torch.from_numpy(raw).to(W.device), weight))
 
 
 def _inference_thread() -> ThreadPoolExecutor:

@@ -44,6 +44,14 @@ class SearchOptions(BaseModel):
     where: str | None = Field(
         None, description="Metadata filter in quari's syntax, e.g. 'label == \"cat\"'."
     )
+    blend_weight: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Weight a of the model's whitened-cosine blend for this query instead of "
+        "the service's (QuARI modes; 0: QuARI's score alone). Needs a model trained with the "
+        "blend.",
+    )
 
 
 class SearchRequest(SearchOptions):
@@ -107,6 +115,11 @@ class Info(BaseModel):
     has_model: bool
     runtime: str | None = Field(
         default=None, description="The model's CPU runtime (quari.runtime); null without one."
+    )
+    blend_weight: float | None = Field(
+        default=None,
+        description="The weight of the model's whitened-cosine blend that queries get unless "
+        "they send their own blend_weight; null when the model has no blend.",
     )
     text_queries: bool
     image_queries: bool

@@ -123,7 +123,26 @@ class Service:
             if not self.eset.has_metadata:
                 raise QuARIInputError("where: the set has no metadata to filter on")
             parse_where(where)  # errors (syntax, depth) are answered now, not in a batch
-        return {"mode": mode, "k": options.k, "candidates": candidates, "where": where}
+        weight = options.blend_weight
+        if weight is not None and weight > 0 and not self.has_blend:
+            raise QuARIInputError(
+                f"blend_weight: {weight:g} needs a model trained with the static blend; this "
+                "service's model has none (send 0 or leave it out)"
+            )
+        return {
+            "mode": mode,
+            "k": options.k,
+            "candidates": candidates,
+            "where": where,
+            "blend_weight": weight,
+        }
+
+    @property
+    def has_blend(self) -> bool:
+        """Whether the model has a fitted static blend (a per-query ``blend_weight`` above 0
+        can be served)."""
+        config = getattr(self.retriever.model, "config", None)
+        return bool(getattr(config, "blend_weight", 0.0))
 
     def _needs_encoder(self, what: str) -> None:
         if self.retriever.encoder is None:
@@ -228,6 +247,7 @@ class Service:
             encoder=self.eset.encoder,
             has_model=self.retriever.model is not None,
             runtime=getattr(self.retriever.model, "runtime", None),
+            blend_weight=self.retriever.model.blend_weight if self.has_blend else None,
             text_queries=has_encoder,
             image_queries=has_encoder,
             images=self.images.has_paths,
