@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quari import Adaptation, HyperNetConfig
+from quari import Adaptation, HyperNetConfig, QuARIModel
 from quari.adapters import LinearAdapter
 from quari.eval.synthetic import PlantedSpec, write_planted_set
 from quari.runtime import Runtime
@@ -53,6 +53,18 @@ def small_run(tmp_path: Path, **kw) -> TrainConfig:
     )
     fields.update(kw)
     return TrainConfig(**fields)
+
+
+def blended_model(dim: int = 24, seed: int = 0, weight: float = 0.5) -> QuARIModel:
+    """A tiny eval-mode model with the static blend at ``weight`` and a random symmetric
+    positive-definite W (not the identity: scores must follow the W the model holds)."""
+    torch.manual_seed(seed)
+    model = QuARIModel(
+        tiny_config("reference", embedding_dim=dim, map_query=True, blend_weight=weight)
+    ).eval()
+    W = torch.randn(dim, dim) + 2 * torch.eye(dim)
+    model.whitening.copy_(W @ W.T / dim)
+    return model
 
 
 def tiny_config(variant: str = "paper", **overrides) -> HyperNetConfig:

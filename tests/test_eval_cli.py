@@ -17,7 +17,7 @@ from quari.checkpoint import save
 from quari.eval.protocols import IliasEvaluator, InquireFullrank, load_results
 
 from eval_fixtures import write_ilias, write_inquire, write_rerank
-from helpers import tiny_config
+from helpers import blended_model, tiny_config
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200"}
@@ -160,10 +160,7 @@ def test_eval_compares_blend_weights_side_by_side(app, tmp_path, models):
         "relevant_where": [f'label == "{i % 5}"' for i in range(12)],
     })  # fmt: skip
     pq.write_table(queries, tmp_path / "q.parquet")
-    torch.manual_seed(0)
-    model = QuARIModel(tiny_config("reference", map_query=True, blend_weight=0.5)).eval()
-    W = torch.randn(24, 24) + 3 * torch.eye(24)  # any W: the scores must follow it
-    model.whitening.copy_(W @ W.T / 24)
+    model = blended_model()
     save(model, tmp_path / "blended")
     out = tmp_path / "res.json"
     args = ["eval", "custom", str(tmp_path / "set"), "--queries", str(tmp_path / "q.parquet"),

@@ -137,19 +137,9 @@ def test_items_and_info(client):
 def test_a_blended_model_answers_each_request_at_its_blend_weight(served):
     """Over HTTP: /info gives the model's weight; a request's ``blend_weight`` (JSON or a
     multipart form field) scores as the model set to that weight; without one, the model's."""
-    import torch
+    from helpers import blended_model
 
-    from quari import QuARIModel
-
-    from helpers import tiny_config
-
-    torch.manual_seed(2)
-    dim = served.eset.dim
-    model = QuARIModel(
-        tiny_config("reference", embedding_dim=dim, map_query=True, blend_weight=0.5)
-    ).eval()
-    W = torch.randn(dim, dim) + 2 * torch.eye(dim)
-    model.whitening.copy_(W @ W.T / dim)
+    model = blended_model(served.eset.dim, seed=2)
     retriever = Retriever(served.eset, model, served.index, encoder=served.encoder)
     with TestClient(create_app(retriever, ServeSettings())) as c:
         assert c.get("/info").json()["blend_weight"] == 0.5

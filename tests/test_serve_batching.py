@@ -73,22 +73,13 @@ def test_a_per_query_blend_weight_equals_the_model_searched_at_that_weight(serve
     """Queries of one batch that ask for other weights of a blended model's static blend (0,
     0.9, the model's own) each get ``Retriever.search`` of the model set to that weight; the
     model pass is shared and the model's own weight is left as it was."""
-    import torch
-
-    from quari import QuARIModel
     from quari.retriever import Retriever
 
-    from helpers import tiny_config
+    from helpers import blended_model
 
-    torch.manual_seed(1)
-    dim = served.eset.dim
-    model = QuARIModel(
-        tiny_config("reference", embedding_dim=dim, map_query=True, blend_weight=0.5)
-    ).eval()
-    W = torch.randn(dim, dim) + 2 * torch.eye(dim)
-    model.whitening.copy_(W @ W.T / dim)
+    model = blended_model(served.eset.dim, seed=1)
     retriever = Retriever(served.eset, model, served.index, encoder=served.encoder)
-    vector = np.random.default_rng(5).standard_normal(dim).astype(np.float32)
+    vector = np.random.default_rng(5).standard_normal(served.eset.dim).astype(np.float32)
     queries = [
         Query("text", TEXT_QUERY, mode, 5, 20, None, weight)
         for mode in ("scan", "rerank", "adaptive")
