@@ -1,7 +1,8 @@
 """The web page in a real headless Chromium (Debian ``chromium`` + ``chromium-driver``, driven
 by Selenium): a text query shows the expected top result's thumbnail, an uploaded image finds
-itself, the side-by-side view shows QuARI and the plain baseline — at a desktop and at a
-phone-sized window. One browser and one server for the module."""
+itself, the side-by-side view shows QuARI and the plain baseline, and the blend's weight
+re-ranks QuARI's column — at a desktop and at a phone-sized window. One browser and one
+server for the module."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from quari.embed.images import load_image
+from quari.retriever import Retriever
 from quari.serve import create_app
 
+from helpers import blended_model
 from serve_helpers import TEXT_QUERY, TEXT_ROW, make_served
 
 pytestmark = pytest.mark.browser
@@ -30,6 +33,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
 webdriver = pytest.importorskip("selenium.webdriver")
 uvicorn = pytest.importorskip("uvicorn")
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -44,11 +48,19 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(served):
+def retriever(served):
+    """The served set with a model trained with the static blend (the page shows its weight)."""
+    return Retriever(
+        served.eset, blended_model(served.eset.dim, seed=3), served.index, encoder=served.encoder
+    )
+
+
+@pytest.fixture(scope="module")
+def server(retriever):
     """uvicorn in a thread of this process, on a free loopback port."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(served.retriever()), log_level="warning")
+    config = uvicorn.Config(create_app(retriever), log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -122,7 +134,9 @@ def results_changed(column: str, before: list[int]):
     return check
 
 
-def run_page(driver, server, served, tmp_path: Path, size: tuple[int, int], name: str) -> None:
+def run_page(
+    driver, server, served, retriever, tmp_path: Path, size: tuple[int, int], name: str
+) -> None:
     driver.set_window_size(*size)
     driver.get(server + "/")
     wait(driver, ec.text_to_be_present_in_element((By.ID, "set-info"), "48 items"))
@@ -158,11 +172,33 @@ def run_page(driver, server, served, tmp_path: Path, size: tuple[int, int], name
         lambda d: d.find_element(By.ID, "col-main").get_attribute("data-mode") == "adaptive",
     )
     image = load_image(upload).image
-    quari = served.retriever().search(images=[image], k=12, mode="adaptive")
-    plain = served.retriever().search(images=[image], k=12, mode="plain")
+    quari = retriever.search(images=[image], k=12, mode="adaptive")
+    plain = retriever.search(images=[image], k=12, mode="plain")
     assert hit_ids(driver, "col-main") == quari.ids[0].tolist()
     assert hit_ids(driver, "col-plain") == plain.ids[0].tolist()
-    assert "QuARI" in driver.find_element(By.CSS_SELECTOR, "#col-main .title").text
+    assert (
+        "QuARI (adaptive, blend 0.5)"
+        in driver.find_element(By.CSS_SELECTOR, "#col-main .title").text
+    )
+
+    # The blend's weight, from the model's 0.5 to 0: QuARI's column follows, the plain one stays.
+    model = retriever.model
+    model.set_blend_weight(0)
+    try:
+        alone = retriever.search(images=[image], k=12, mode="adaptive", with_metadata=False)
+    finally:
+        model.set_blend_weight(None)
+    assert alone.ids[0].tolist() != quari.ids[0].tolist()  # so the check has teeth
+    blend = driver.find_element(By.ID, "blend")
+    assert blend.is_displayed() and blend.get_attribute("value") == "0.5"
+    blend.clear()
+    blend.send_keys("0", Keys.TAB)
+    wait(driver, results_changed("col-main", quari.ids[0].tolist()))
+    assert hit_ids(driver, "col-main") == alone.ids[0].tolist()
+    assert hit_ids(driver, "col-plain") == plain.ids[0].tolist()
+    blend.clear()
+    blend.send_keys("0.5", Keys.TAB)  # back, for the next window size
+    wait(driver, results_changed("col-main", alone.ids[0].tolist()))
     left = driver.find_element(By.ID, "col-main").rect
     right = driver.find_element(By.ID, "col-plain").rect
     width = driver.execute_script("return window.innerWidth")
@@ -178,9 +214,9 @@ def run_page(driver, server, served, tmp_path: Path, size: tuple[int, int], name
     assert not severe, severe
 
 
-def test_page_at_desktop_size(browser, server, served, tmp_path):
-    run_page(browser, server, served, tmp_path, DESKTOP, "desktop")
+def test_page_at_desktop_size(browser, server, served, retriever, tmp_path):
+    run_page(browser, server, served, retriever, tmp_path, DESKTOP, "desktop")
 
 
-def test_page_at_phone_size(browser, server, served, tmp_path):
-    run_page(browser, server, served, tmp_path, PHONE, "phone")
+def test_page_at_phone_size(browser, server, served, retriever, tmp_path):
+    run_page(browser, server, served, retriever, tmp_path, PHONE, "phone")

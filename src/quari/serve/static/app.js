@@ -41,6 +41,17 @@ async function loadInfo() {
     $("#query").placeholder = "An item id, e.g. #12 (this service has no encoder)";
   }
   $("#drop-zone").hidden = !info.image_queries;
+  // A model trained with the whitened-cosine blend: each search may send its own weight.
+  const blended = info.blend_weight !== null && info.blend_weight !== undefined;
+  $("#blend-label").hidden = !blended;
+  if (blended) $("#blend").value = String(info.blend_weight);
+}
+
+function blendWeight() {
+  if ($("#blend-label").hidden) return null;
+  const text = $("#blend").value.trim();
+  const a = Number(text);
+  return text !== "" && a >= 0 && a <= 1 ? a : null;
 }
 
 function queryBody(mode) {
@@ -48,6 +59,8 @@ function queryBody(mode) {
   const where = $("#where").value.trim();
   const options = { k, mode };
   if (where) options.where = where;
+  const blend = blendWeight();
+  if (blend !== null && mode !== "plain") options.blend_weight = blend;
   if (state.useImage && state.file) {
     const form = new FormData();
     form.append("image", state.file, state.file.name || "query");
@@ -133,7 +146,9 @@ async function search() {
       requests.map(async (r) => getJSON(await fetch("/search", { method: "POST", ...r }))),
     );
     if (seq !== state.seq) return; // a newer search has started
-    const title = compare ? `QuARI (${main})` : main === "plain" ? "plain (cosine)" : `QuARI (${main})`;
+    const blend = blendWeight();
+    const quari = `QuARI (${main}${blend === null ? "" : `, blend ${blend}`})`;
+    const title = !compare && main === "plain" ? "plain (cosine)" : quari;
     renderColumn($("#col-main"), title, answers[0]);
     if (compare) renderColumn($("#col-plain"), "plain (cosine baseline)", answers[1]);
     else $("#col-plain").hidden = true;
@@ -181,6 +196,7 @@ function setUp() {
   });
   $("#compare").addEventListener("change", search);
   $("#mode").addEventListener("change", search);
+  $("#blend").addEventListener("change", search);
   $("#results").addEventListener("click", (event) => {
     const hit = event.target.closest(".hit");
     if (!hit) return;
