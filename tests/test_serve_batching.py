@@ -104,6 +104,13 @@ def test_a_per_query_blend_weight_equals_the_model_searched_at_that_weight(serve
     # the weight counts, and None is the model's own 0.5
     assert not np.allclose(scores["scan", 0.0], scores["scan", 0.9])
     np.testing.assert_allclose(scores["scan", None], scores["scan", 0.5], rtol=0, atol=1e-6)
+    # a service started at weight 0 (`quari serve --blend-weight 0`) still serves a request's 0.9
+    model.set_blend_weight(0)
+    try:
+        (answer,) = run_batch(retriever, [Query("text", TEXT_QUERY, "scan", 5, 20, None, 0.9)])
+    finally:
+        model.set_blend_weight(None)
+    np.testing.assert_allclose(answer.result.scores, scores["scan", 0.9], rtol=0, atol=1e-6)
 
 
 def test_one_encoder_call_per_kind_and_one_model_pass(served, monkeypatch):
