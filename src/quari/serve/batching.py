@@ -24,7 +24,7 @@ import asyncio
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -195,10 +195,13 @@ def run_batch(retriever: Retriever, queries: Sequence[Query]) -> list[Answer | E
 
 def _reblended(retriever: Retriever, ad: Any, raw: np.ndarray, weight: float) -> Any:
     """``ad`` (the model's adaptation of the ``raw`` query vectors) scored with the static
-    blend at ``weight`` instead of the model's: the same factors, the blend's query side
-    rebuilt from the model's W (one (B, E)·(E, E) product)."""
+    blend at ``weight`` instead of the model's: the same factors and, when the model blends,
+    the same blend query (it does not depend on the weight); a model searched at weight 0 has
+    none, so it is built from the model's W."""
     if weight == 0:
         return ad if ad.blend is None else ad.with_blend(None)
+    if ad.blend is not None:
+        return ad.with_blend(replace(ad.blend, weight=weight))
     W = retriever.model.whitening  # present: the service checked the model has a blend
     return ad.with_blend(StaticBlend.of(W, torch.from_numpy(raw).to(W.device), weight))
 
