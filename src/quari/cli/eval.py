@@ -2,7 +2,8 @@
 
 Every protocol command takes the methods to compare (``--model``, repeatable: ``cosine``,
 ``aqe[:n=…]``, ``dba[:k=…]``, a model folder or ``hf:<repo>`` — a QuARI model or a linear
-adapter), the modes (``--mode``, repeatable, or ``all``), prints one table side by side and
+adapter; ``--blend-weight``, repeatable, scores each blended QuARI model at those weights),
+the modes (``--mode``, repeatable, or ``all``), prints one table side by side and
 writes every result to ``--out`` as JSON, which ``quari eval report`` turns into markdown and
 plots.
 """
