@@ -136,6 +136,7 @@ def test_sigterm_on_the_command_line_exits_within_seconds_and_resume_finishes(tm
     assert code == 128 + signal.SIGTERM, text
     assert took is not None and took < 10, f"stopping took {took} s"
     assert "quari train: preset default" in text and "speed:" in text and "pairs/s" in text
+    assert "1 layers" not in text and "2 refinement steps, rank 4" in text  # --steps 2
     assert "ETA" in text and "Epoch" not in text and "/-" not in text
     assert "SIGTERM: stopped at step" in text and "--resume" in text
     stopped = load(next((tmp_path / "run" / "checkpoints").glob("step-*")))

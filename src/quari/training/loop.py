@@ -448,6 +448,11 @@ def _total_steps(config: TrainConfig, data: TrainingData) -> int:
     return config.max_epochs * _steps_per_epoch(config, data)
 
 
+def _count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless n is 1 ("1 refinement step", "4 layers")."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _print_plan(
     config: TrainConfig, data: TrainingData, module: QuARITrainingModule, total: int
 ) -> None:
@@ -458,8 +463,8 @@ def _print_plan(
     summary = data.summary()
     print(
         f"quari train: preset {config.preset} · model {mc.variant}/{mc.init} (H {mc.hidden_dim}, "
-        f"{mc.num_layers} layers, {mc.num_steps} steps, rank {mc.rank}; {params / 1e6:.2f}M "
-        f"parameters) on {_device_name(config)}\n"
+        f"{_count(mc.num_layers, 'layer')}, {_count(mc.num_steps, 'refinement step')}, "
+        f"rank {mc.rank}; {params / 1e6:.2f}M parameters) on {_device_name(config)}\n"
         f"  {total:,} steps × {config.batch_size} pairs = {pairs / max(1, data.train_pairs):.1f} "
         f"epochs over {data.train_pairs:,} training pairs; validation: "
         f"{summary['val']['queries']:,} queries over {summary['val']['images']:,} images, "
