@@ -379,7 +379,7 @@ def write_report(
     lines += [
         "---",
         f"quari {env.get('quari')}, torch {env.get('torch')}, {env.get('cpu')} "
-        f"({env.get('torch_threads')} threads), device {env.get('device')}.",
+        f"(torch threads: {env.get('torch_threads')}), device {env.get('device')}.",
         "",
     ]
     text = "\n".join(lines)

@@ -479,7 +479,7 @@ def _print_plan(
 def _device_name(config: TrainConfig) -> str:
     if config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return f"{config.devices * config.num_nodes} × {torch.cuda.get_device_name()}"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"cpu ({_count(torch.get_num_threads(), 'thread')})"
 
 
 def _export(
