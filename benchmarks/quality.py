@@ -7,6 +7,8 @@ scored by mAP@100 (``ap@100``, exhaustive ``scan`` mode) on both tracks — text
 (``--split val`` while tuning: the recipe was chosen on val only). Rows:
 
 * ``cosine``: the frozen backbone (no training);
+* ``αQE``, ``αDBA``: the training-free re-ranking baselines of instance retrieval
+  (``quari eval --model aqe`` / ``dba``; n or k tuned per track on the val split, α 3);
 * ``linear``: the static linear adapter (``quari train --adapter linear``);
 * ``static low-rank``: the same baseline in the low-rank form W = I + L Rᵀ at the default's
   rank (``quari train --adapter linear --rank 16`` on a CPU): QuARI's map without the query
@@ -70,6 +72,7 @@ from bench_core import machine
 from quari.adapters import LinearAdapter
 from quari.checkpoint import load_model
 from quari.eval.linear import LinearTrainConfig, train_linear
+from quari.eval.methods import AQE_GRID, DBA_GRID, resolve_method
 from quari.eval.protocols.base import EvalResult, load_results, save_results
 from quari.eval.protocols.custom import CustomEvaluator
 from quari.eval.report import write_report
@@ -80,6 +83,8 @@ from quari.whitening import DEFAULT_SHRINKAGE, set_rows
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACKS = ("t2i", "i2i")
 HEADLINE = ("cosine", "linear", "static low-rank", "default")  # rows run at --seeds seeds
+#: Baseline rows → the ``quari eval --model`` spec they resolve (its parameter tuned on val).
+BASELINES = {"αQE": "aqe", "αDBA": "dba"}
 #: Row name → TrainConfig changes from the defaults (None: not a QuARI row).
 ROWS: dict[str, dict | None] = {
     "cosine": None,
@@ -88,6 +93,10 @@ ROWS: dict[str, dict | None] = {
     # The training embeddings' shrinkage whitening alone (LinearAdapter.whitening): no labels,
     # no training — the static part the default's blend mixes in.
     "whitening": None,
+    # Training-free re-ranking baselines of instance retrieval (quari.eval.baselines), each
+    # parameter tuned per track on the val split (the grid of quari eval's specs), α 3.
+    "αQE": None,
+    "αDBA": None,
     "default": {},  # on a CPU: rank 16, 1 refinement step (so also the "rank 16", "steps 1" rows)
     # The default's run, scored by the mean of its maps (run_row): no per-query part.
     "mean map": {"blend_weight": 0.0},  # (a mean of maps has no place for the blend)
@@ -138,9 +147,7 @@ def evaluate(track: Path, split: str, model, row: str) -> dict[str, EvalResult]:
     protocol ``fashion-t2i`` / ``fashion-i2i``, method name ``row``."""
     out = {}
     for name in TRACKS:
-        ev = CustomEvaluator(
-            track / name / split / "queries.parquet", track / name / split / "gallery"
-        )
+        ev = _evaluator(track, name, split)
         mode = "plain" if model is None else "scan"
         result = ev.evaluate(model, mode=mode, name=row)
         method = {k: v for k, v in result.method.items()
@@ -149,12 +156,38 @@ def evaluate(track: Path, split: str, model, row: str) -> dict[str, EvalResult]:
     return out
 
 
+def evaluate_baseline(track: Path, split: str, row: str, work: Path) -> dict[str, EvalResult]:
+    """Both tracks' ``split`` results of the training-free baseline ``row`` (αQE, αDBA), its
+    parameter tuned on each track's val split as ``quari eval --model aqe`` tunes it."""
+    out = {}
+    for name in TRACKS:
+        ev = _evaluator(track, name, split)
+        method = resolve_method(
+            BASELINES[row], ev, validation=_evaluator(track, name, "val"), tune_mode="scan",
+            cache=work / "baselines",
+        )  # fmt: skip
+        result = ev.evaluate(
+            method.adapter,
+            mode="plain" if method.adapter is None else "scan",
+            gallery=method.gallery,
+            index=method.index,
+            method={**method.describe(), "name": row},
+        )
+        out[name] = replace(result, protocol=f"fashion-{name}", split=split)
+    return out
+
+
+def _evaluator(track: Path, name: str, split: str) -> CustomEvaluator:
+    folder = track / name / split
+    return CustomEvaluator(folder / "queries.parquet", folder / "gallery", split=split)
+
+
 def row_config(
     track: Path, row: str, seed: int, out: Path, max_steps: int | None
 ) -> TrainConfig | LinearTrainConfig | None:
     """The training run behind ``row`` at ``seed`` (None: cosine, nothing to train)."""
     source = (TrainSource(track / "train"),)
-    if row in ("cosine", "whitening"):
+    if row in ("cosine", "whitening", *BASELINES):
         return None
     if row in ("linear", "static low-rank"):
         # the low-rank form at the rank the default recipe resolves to on this machine
@@ -172,6 +205,9 @@ def recipe(track: Path, row: str, max_steps: int | None) -> dict | None:
     """Every setting of ``row``'s training run except paths and seed, as JSON would store it:
     a kept row whose recipe differs (a default changed since) is measured again."""
     cfg = row_config(track, row, 0, Path("out"), max_steps)
+    if row in BASELINES:
+        key, grid = ("n", AQE_GRID) if BASELINES[row] == "aqe" else ("k", DBA_GRID)
+        return {key: list(grid), "alpha": 3.0, "tuned_on": "val", "tune_mode": "scan"}
     if row == "whitening":
         return {
             "shrinkage": DEFAULT_SHRINKAGE,
@@ -192,6 +228,13 @@ def run_row(
     out = work / f"{row.replace(' ', '-')}-{seed}"
     started = time.perf_counter()
     cfg = row_config(track, row, seed, out, max_steps)
+    if row in BASELINES:
+        results = evaluate_baseline(track, split, row, work)
+        return {
+            **_scores(results),
+            "train_s": round(time.perf_counter() - started, 1),
+            "steps": 0,
+        }, results
     if row == "whitening":
         vectors = set_rows([EmbeddingSet.open(track / "train")])
         results = evaluate(track, split, LinearAdapter.whitening(vectors), row)
