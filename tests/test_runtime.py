@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import quari.runtime as rt
+import quari.hypernet.chunks as chunks
 from quari import QuARIInputError, QuARIModel
 from quari.checkpoint import load_reference
 from quari.errors import MissingDependencyError
@@ -224,8 +224,8 @@ def test_large_batches_run_in_near_equal_chunks(monkeypatch, name):
     runtime = build_runtime(model, name)
     with torch.inference_mode():
         whole = runtime.run(q)
-    monkeypatch.setattr(rt, "CHUNK_ROWS", 20)  # at most 4 queries per chunk
-    assert rt.chunk_size(model) == 4
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 20)  # at most 4 queries per chunk
+    assert chunks.chunk_size(model) == 4
     sizes, run = [], runtime.run
     monkeypatch.setattr(runtime, "run", lambda part: sizes.append(len(part)) or run(part))
     with torch.inference_mode():

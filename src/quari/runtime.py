@@ -66,6 +66,7 @@ from torch import nn
 
 from quari.errors import MissingDependencyError, QuARIInputError, missing_extra
 from quari.fileio import atomic_write
+from quari.hypernet.chunks import chunked
 from quari.hypernet.packing import (
     PACK_MAX_ROWS,
     PACK_SETS,
@@ -77,13 +78,10 @@ if TYPE_CHECKING:
     from quari.hypernet import QuARIModel
 
 __all__ = [
-    "CHUNK_ROWS",
     "RUNTIMES",
     "Runtime",
     "build_runtime",
     "cache_dir",
-    "chunk_size",
-    "chunked",
     "cpu_flags",
     "cpu_model",
     "has_native_bf16",
@@ -132,29 +130,6 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "quari"
 
 
-#: Token rows (queries × sequence length) per chunk of a large batch: the activations of a
-#: chunk stay in cache, those of a whole large batch do not (bench_core: the pass ran ~1.5×
-#: slower per query at batch 256 than at batch 32 before chunking).
-CHUNK_ROWS = 2048
-
-
-def chunk_size(model: QuARIModel) -> int:
-    """The most queries one chunk of ``model``'s inference pass takes (≥ 1): about
-    :data:`CHUNK_ROWS` token rows (1 + r folded, 1 + 2r otherwise, per query)."""
-    return max(1, CHUNK_ROWS // model.inference_tokens)
-
-
-def chunked(model: QuARIModel, run, q: torch.Tensor):
-    """``run(q)`` → (q′, U, V) over near-equal chunks of at most :func:`chunk_size` queries,
-    concatenated (each query's outputs depend on that query alone, so this is exact)."""
-    batch, most = q.shape[0], chunk_size(model)
-    if batch <= most:
-        return run(q)
-    size = -(-batch // -(-batch // most))  # ceil(batch / chunks): no small remainder chunk
-    parts = [run(part) for part in q.split(size)]
-    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
-
-
 class Runtime:
     """How a model's inference pass runs; built by :func:`build_runtime`.
 
@@ -185,7 +160,7 @@ class Runtime:
 
     def __call__(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q′, U, V) for checked, normalised (B, E) fp32 queries, in chunks of
-        :func:`chunk_size` queries."""
+        :func:`~quari.hypernet.chunks.chunk_size` queries."""
         return chunked(self.model, self.run, q)
 
     def run(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

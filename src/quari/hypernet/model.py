@@ -15,9 +15,9 @@ from torch import nn
 
 from quari.adaptation import Adaptation, StaticBlend
 from quari.errors import QuARIInputError
+from quari.hypernet.chunks import chunked
 from quari.hypernet.config import HyperNetConfig
 from quari.hypernet.packing import PackedLinears
-from quari.runtime import chunked
 from quari.validation import as_embeddings
 
 __all__ = ["LINEAR_ROLES", "LinearFn", "QuARIModel", "sinusoidal_table", "step_code"]
