@@ -26,6 +26,7 @@ so the score is cos(T q, T d); quari's default training recipe, ``docs/method.md
 """
 
 from quari.hypernet.config import SIZE_CEILINGS, HyperNetConfig
-from quari.hypernet.model import LINEAR_ROLES, LinearFn, QuARIModel
+from quari.hypernet.layers import LINEAR_ROLES, LinearFn
+from quari.hypernet.model import QuARIModel
 
 __all__ = ["LINEAR_ROLES", "SIZE_CEILINGS", "HyperNetConfig", "LinearFn", "QuARIModel"]

@@ -1,4 +1,4 @@
-"""The hypernetwork module :class:`QuARIModel`: layers, the training pass over
+"""The hypernetwork module :class:`QuARIModel`: its layers, the training pass over
 [ctx; U; V], the inference pass from the layers' weights (folded for the reference variant),
 CUDA graphs and CPU runtimes (see :mod:`quari.hypernet`)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -17,71 +17,18 @@ from quari.adaptation import Adaptation, StaticBlend
 from quari.errors import QuARIInputError
 from quari.hypernet.chunks import chunked
 from quari.hypernet.config import HyperNetConfig
+from quari.hypernet.layers import (
+    LINEAR_ROLES,
+    LinearFn,
+    encoder_layer,
+    mlp,
+    sinusoidal_table,
+    step_code,
+)
 from quari.hypernet.packing import PackedLinears
 from quari.validation import as_embeddings
 
-__all__ = ["LINEAR_ROLES", "LinearFn", "QuARIModel", "sinusoidal_table", "step_code"]
-
-#: An affine map x ↦ x Wᵀ + b of the inference pass (``F.linear`` with a layer's weights, or
-#: a runtime's reduced-precision or prepacked version of it).
-LinearFn = Callable[[torch.Tensor], torch.Tensor]
-
-#: The affine maps of one transformer layer, by role: the fused Q/K/V projection, the
-#: attention output projection and the two feed-forward maps. They carry ≈97 % of the
-#: inference FLOPs (docs/method.md §3.5), so runtimes replace these (by
-#: :meth:`QuARIModel.transformer_linears` names) and keep the rest of the pass in fp32.
-LINEAR_ROLES = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
-
-
-def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
-    """Transformer positional codes: row p holds sin/cos of p·10000^(−2i/dim), interleaved."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
-    table[:, 0::2] = torch.sin(pos * freq)
-    table[:, 1::2] = torch.cos(pos * freq)
-    return table
-
-
-def step_code(step: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Diffusion-style code of step t: [cos(t·f_i) ; sin(t·f_i)], f_i = P^(−i/(dim/2))."""
-    half = dim // 2
-    freq = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    angle = step * freq
-    return torch.cat([torch.cos(angle), torch.sin(angle)])
-
-
-def _mlp(width: int, out_dim: int, dropout: float, layer_norm: bool) -> nn.Sequential:
-    """Two-layer decoder: Linear → [LayerNorm] → GELU → Dropout → Linear."""
-    mid: list[nn.Module] = [nn.LayerNorm(width)] if layer_norm else []
-    return nn.Sequential(
-        nn.Linear(width, width), *mid, nn.GELU(), nn.Dropout(dropout), nn.Linear(width, out_dim)
-    )
-
-
-def _encoder_layer(
-    layer: nn.TransformerEncoderLayer,
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    linears: tuple[LinearFn, LinearFn, LinearFn, LinearFn],
-) -> torch.Tensor:
-    """One pre-norm ``nn.TransformerEncoderLayer`` (GELU, eval mode) from its own weights.
-
-    The same arithmetic as the layer's forward, written out so that the attention can take
-    an additive bias on its logits (the folded bank, docs/method.md §3.5) and the affine
-    maps can be swapped for a runtime's versions (``linears``, in :data:`LINEAR_ROLES`
-    order). ``bias`` is (S,), added to every query token's logit of key token s.
-    """
-    B, S, H = x.shape
-    heads = layer.self_attn.num_heads
-    in_proj, out_proj, linear1, linear2 = linears
-    h = F.layer_norm(x, (H,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-    qkv = in_proj(h).view(B, S, 3, heads, H // heads).permute(2, 0, 3, 1, 4)
-    mask = None if bias is None else bias.to(qkv.dtype).view(1, 1, 1, S)
-    a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
-    x = x + out_proj(a.transpose(1, 2).reshape(B, S, H))
-    h = F.layer_norm(x, (H,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
-    return x + linear2(F.gelu(linear1(h)))
+__all__ = ["QuARIModel"]
 
 
 class QuARIModel(nn.Module):
@@ -149,11 +96,11 @@ class QuARIModel(nn.Module):
         )
         # With map_query, q′ = normalize(T q): there is no query decoder to build.
         self.query_decoder = (
-            None if config.map_query else _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+            None if config.map_query else mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
         )
         # u: output-side columns of T, v: input-side columns (T d = U Vᵀ d).
-        self.u_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
-        self.v_decoder = _mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+        self.u_decoder = mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
+        self.v_decoder = mlp(H, E, config.dropout, layer_norm=config.decoder_norm)
         if config.init == "identity":
             # Start exactly at the frozen backbone: MLP_q(ctx) = 0 gives q′ = normalize(λq) = q,
             # U = 0 gives T = I. V keeps its random init so that ∂L/∂U = α·(…)·V ≠ 0.
@@ -441,7 +388,7 @@ class QuARIModel(nn.Module):
         for step in range(cfg.num_steps):
             x = state + step_inputs[step]
             for layer, layer_maps in zip(self.transformer.layers, maps, strict=True):
-                x = _encoder_layer(layer, x, bias, layer_maps)
+                x = encoder_layer(layer, x, bias, layer_maps)
             if self.transformer.norm is not None:
                 x = self.transformer.norm(x)
             state = state + x
