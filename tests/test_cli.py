@@ -162,6 +162,7 @@ def test_set_info_and_verify(workspace):
     app, tmp, *_ = workspace
     out = runner.invoke(app, ["set", "info", str(tmp / "set")])
     assert out.exit_code == 0 and "test-encoder" in out.output and "750" in out.output
+    assert "group (int64), name (string)" in out.output  # the metadata columns, typed
     out = runner.invoke(app, ["set", "verify", str(tmp / "set")])
     assert out.exit_code == 0 and "ok: 750 rows in 3 shards" in out.output
     p = tmp / "set" / "img_emb" / "img_emb_2.npy"

@@ -135,8 +135,12 @@ def index_backends() -> None:
 @set_app.command("info")
 @friendly_errors
 def set_info(set_path: Annotated[Path, typer.Argument(help="Embedding set folder.")]) -> None:
-    """Describe an embedding set (rows, dim, encoder, shards, index)."""
+    """Describe an embedding set (rows, dim, encoder, shards, metadata columns, index)."""
     eset = EmbeddingSet.open(set_path)
+    columns = False
+    if eset.has_metadata:  # the names --where and --columns take, with their types
+        schema = eset.metadata_table(eset.shards[0]).schema
+        columns = ", ".join(f"{field.name} ({field.type})" for field in schema)
     table = Table(show_header=False, box=None)
     for key, value in [
         ("path", str(eset.root)),
@@ -147,7 +151,7 @@ def set_info(set_path: Annotated[Path, typer.Argument(help="Embedding set folder
         ("normalized", eset.normalized),
         ("shards", len(eset.shards)),
         ("text embeddings", eset.has_text),
-        ("metadata", eset.has_metadata),
+        ("metadata", columns),
         ("manifest", eset.has_manifest),
         ("index", CandidateIndex.exists(eset)),
     ]:
