@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -293,3 +295,16 @@ def test_validation_verdict_needs_both_numbers():
     assert validation_verdict({"val/mAP": 0.5}) is None
     assert validation_verdict({"baseline/mAP": 0.5}) is None
     assert validation_verdict({"val/mAP": "0.5", "baseline/mAP": 0.4}) is None
+
+
+def test_loading_a_reference_model_does_not_import_the_compiler(tmp_path):
+    """The loader's shape check builds the model on the meta device; torch runs some meta
+    ops through Python decompositions that import torch._dynamo (over a second at a
+    process's first load). The model quari trains by default loads without it."""
+    save(QuARIModel(tiny_config("reference", blend_weight=0.5)), tmp_path / "model")
+    code = (
+        "import sys; from quari.checkpoint import load_model; "
+        f"load_model({str(tmp_path / 'model')!r}); print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

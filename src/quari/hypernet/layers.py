@@ -16,7 +16,7 @@ __all__ = [
     "encoder_layer",
     "mlp",
     "sinusoidal_table",
-    "step_code",
+    "step_codes",
 ]
 
 #: An affine map x ↦ x Wᵀ + b of the inference pass (``F.linear`` with a layer's weights, or
@@ -30,22 +30,33 @@ LinearFn = Callable[[torch.Tensor], torch.Tensor]
 LINEAR_ROLES = ("self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2")
 
 
+# The code tables are computed on the CPU and then moved to the default device: under a
+# ``torch.device("meta")`` context (the checkpoint loader's shape check) torch runs a meta
+# ``arange`` through its Python decompositions, whose first use imports torch._dynamo — about
+# a second and a half added to every process's first model load.
+_CPU = torch.device("cpu")
+
+
 def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
     """Transformer positional codes: row p holds sin/cos of p·10000^(−2i/dim), interleaved."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    table = torch.zeros(length, dim)
+    pos = torch.arange(length, dtype=torch.float32, device=_CPU)[:, None]
+    steps = torch.arange(0, dim, 2, dtype=torch.float32, device=_CPU)
+    freq = torch.exp(steps * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=_CPU)
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq)
-    return table
+    return table.to(torch.get_default_device())
 
 
-def step_code(step: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Diffusion-style code of step t: [cos(t·f_i) ; sin(t·f_i)], f_i = P^(−i/(dim/2))."""
+def step_codes(steps: int, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Diffusion-style codes of steps t = 0 … steps−1, one row each: [cos(t·f_i) ; sin(t·f_i)],
+    f_i = P^(−i/(dim/2))."""
     half = dim // 2
-    freq = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-    angle = step * freq
-    return torch.cat([torch.cos(angle), torch.sin(angle)])
+    freq = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=_CPU) / half
+    )
+    angle = torch.arange(steps, dtype=torch.float32, device=_CPU)[:, None] * freq
+    return torch.cat([torch.cos(angle), torch.sin(angle)], dim=1).to(torch.get_default_device())
 
 
 def mlp(width: int, out_dim: int, dropout: float, layer_norm: bool) -> nn.Sequential:

@@ -23,7 +23,7 @@ from quari.hypernet.layers import (
     encoder_layer,
     mlp,
     sinusoidal_table,
-    step_code,
+    step_codes,
 )
 from quari.hypernet.packing import PackedLinears
 from quari.validation import as_embeddings
@@ -74,13 +74,15 @@ class QuARIModel(nn.Module):
             self.register_buffer("position_scale", torch.ones(1))
             # The fixed step codes live on the model's device (not in checkpoints), so that the
             # forward pass makes no host-to-device copies (a CUDA graph cannot capture those).
-            codes = torch.stack([step_code(t, H) for t in range(config.num_steps)])
-            self.register_buffer("step_codes", codes, persistent=False)
+            self.register_buffer("step_codes", step_codes(config.num_steps, H), persistent=False)
         self.register_buffer("positions", sinusoidal_table(2 * r + 1, H))
         if config.blend_weight > 0:
             # W of the static blend (HyperNetConfig.blend_weight); the trainer fits it, a
             # checkpoint restores it. The identity until then: plain cosine as the static part.
-            self.register_buffer("whitening", torch.eye(E))
+            # (made on the CPU and moved, as the code tables in layers.py: a meta-device
+            # eye would import torch._dynamo)
+            identity = torch.eye(E, device="cpu").to(torch.get_default_device())
+            self.register_buffer("whitening", identity)
 
         layer = nn.TransformerEncoderLayer(
             d_model=H,
