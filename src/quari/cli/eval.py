@@ -10,7 +10,7 @@ plots.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -120,7 +120,11 @@ class RunOptions:
     quiet: bool
     out: Path | None
     max_queries: int | None = None
-    blend_weights: tuple[float, ...] = ()
+    blend_weights: Sequence[float] | None = ()
+
+    def __post_init__(self) -> None:
+        # --blend-weight arrives as None or a list; kept as a tuple (frozen, hashable)
+        object.__setattr__(self, "blend_weights", tuple(self.blend_weights or ()))
 
 
 def _run(
@@ -261,7 +265,7 @@ def inquire_fullrank(
     if validation is not None and enc is not None:
         validation.queries(enc)
     options = RunOptions(
-        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+        candidates, batch_size, device, cache, quiet, out, max_queries, blend_weight
     )
     _run([make(split)], model, mode, validation, enc, options)
 
@@ -304,9 +308,7 @@ def inquire_rerank(
         )
 
     validation = make("val") if split == "test" else None
-    options = RunOptions(
-        100, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
-    )
+    options = RunOptions(100, batch_size, device, cache, quiet, out, max_queries, blend_weight)
     _run([make(split)], model, mode, validation, enc, options)
 
 
@@ -341,7 +343,7 @@ def ilias(
         for t in tracks
     ]
     options = RunOptions(
-        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+        candidates, batch_size, device, cache, quiet, out, max_queries, blend_weight
     )
     _run(evaluators, model, mode, None, None, options)
 
@@ -397,7 +399,7 @@ def custom(
         validation = CustomEvaluator(val_queries, eset, k=k, split="val")
         validation.queries(enc)
     options = RunOptions(
-        candidates, batch_size, device, cache, quiet, out, max_queries, tuple(blend_weight or ())
+        candidates, batch_size, device, cache, quiet, out, max_queries, blend_weight
     )
     _run([CustomEvaluator(queries, eset, k=k)], model, mode, validation, enc, options)
 
